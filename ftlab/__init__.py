@@ -1,0 +1,3 @@
+"""ftlab: fine-tuning experiments composed with Hydra and trained with Lightning."""
+
+__version__ = "0.1.0"
