@@ -1,0 +1,36 @@
+"""Lightning callbacks ftlab adds by default."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+
+
+class TokenThroughput(pl.Callback):
+    """Logs ``train/tokens_per_s``: real (non-padding) tokens processed per second of training.
+
+    Counts ``attention_mask`` ones, so padding does not inflate the number, and times only the
+    training batches (validation and start-up are excluded).
+    """
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+        self._start = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.seconds += time.perf_counter() - self._start
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        self.tokens += int(mask.sum()) * trainer.world_size if mask is not None else 0
+        pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, prog_bar=True, rank_zero_only=True)

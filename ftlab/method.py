@@ -1,0 +1,97 @@
+"""The method plugin contract: a config dataclass plus a few hooks with sensible defaults.
+
+A method turns a loaded base model into the model to train (``apply``). Everything else the
+training module needs from a method (which parameters to optimize and with which learning rates,
+the loss, a per-step hook, what to save) has a default here, so most methods override
+``apply`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Mapping
+
+import torch
+from torch import nn
+
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config node (stored in Hydra's ConfigStore under ``method``).
+
+    ``name`` is filled in by the registry with the entry-point name, so a composed config always
+    says which method it selected. ``lr`` lives here because good learning rates differ by
+    method (full fine-tuning wants ~10x less than LoRA), so a sweep over methods stays fair.
+    """
+
+    name: str = "???"
+    lr: float = field(default=2e-4, metadata={"help": "learning rate (the optimizer's lr follows it)"})
+
+
+def config_fields(config_cls: type[MethodConfig]) -> list[dataclasses.Field]:
+    """The user-settable fields of a method config (everything but ``name``)."""
+    return [f for f in dataclasses.fields(config_cls) if f.name not in ("name", "defaults")]
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return str(f.metadata.get("help", ""))
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return "???"
+
+
+class BaseMethod:
+    """Defaults for every hook; subclasses set ``Config`` and implement ``apply``.
+
+    Class attributes:
+        Config: the dataclass (subclass of MethodConfig) holding the method's settings.
+        quantizations: the ``quantization=`` choices whose base this method can train.
+        artifact: the name of the saved folder in the run directory ("model", "adapter").
+        defaults: Hydra defaults-list entries the method selects in other groups, e.g.
+            ``{"override /quantization": "nf4"}``; the command line still wins over them.
+    """
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    quantizations: ClassVar[tuple[str, ...]] = ("none",)
+    defaults: ClassVar[list[Any]] = []
+    artifact: ClassVar[str] = "model"  # run-folder name of what ``save`` writes
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    # -- building the model -------------------------------------------------------------------
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Inject adapters and/or freeze weights; return the model to train."""
+        raise NotImplementedError
+
+    # -- training -----------------------------------------------------------------------------
+    def parameter_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; override for per-group learning rates (e.g. LoRA+)."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The training objective; the default is the causal LM loss over labelled tokens."""
+        return model(**batch).loss
+
+    def on_step_end(self, model: nn.Module, global_step: int) -> None:
+        """Called after every optimizer step (e.g. AdaLoRA's rank budget update)."""
+
+    # -- saving -------------------------------------------------------------------------------
+    def save(self, model: nn.Module, directory: Path) -> Path:
+        """Save what this method trained in HF format (safetensors) and return the folder."""
+        directory.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(directory, safe_serialization=True)
+        return directory
+
+    @staticmethod
+    def trainable_names(model: nn.Module) -> Iterable[str]:
+        return (n for n, p in model.named_parameters() if p.requires_grad)

@@ -1,0 +1,66 @@
+"""LoRA through PEFT, and QLoRA: the same adapter on a 4-bit NF4 base (the QLoRA paper's recipe)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import peft
+from torch import nn
+
+from ftlab.method import QUANTIZATIONS, BaseMethod, MethodConfig
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    r: int = field(default=16, metadata={"help": "rank of the low-rank update"})
+    alpha: int = field(default=32, metadata={"help": "scaling numerator: the update is scaled by alpha/r"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter input"})
+    target_modules: Any = field(
+        default="all-linear", metadata={"help": "'all-linear', or a list of module names (e.g. [q_proj, v_proj])"}
+    )
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r)"})
+    dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
+    bias: str = field(default="none", metadata={"help": "which biases train: none, all, lora_only"})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "extra modules trained in full and saved with the adapter"}
+    )
+
+
+class Lora(BaseMethod):
+    Config = LoraConfig
+    quantizations = QUANTIZATIONS
+    artifact = "adapter"
+
+    def peft_config(self) -> peft.LoraConfig:
+        c = self.config
+        targets = c.target_modules if isinstance(c.target_modules, str) else list(c.target_modules)
+        return peft.LoraConfig(
+            task_type=peft.TaskType.CAUSAL_LM,
+            r=c.r,
+            lora_alpha=c.alpha,
+            lora_dropout=c.dropout,
+            target_modules=targets,
+            use_rslora=c.rslora,
+            use_dora=c.dora,
+            bias=c.bias,
+            modules_to_save=list(c.modules_to_save) if c.modules_to_save else None,
+        )
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            # casts norms to fp32 and makes the input embeddings require grad for checkpointing
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False))
+            )
+        return peft.get_peft_model(model, self.peft_config())
+
+
+class QLora(Lora):
+    """LoRA on a quantized base; selects quantization=nf4 and paged 8-bit AdamW by default."""
+
+    quantizations = ("nf4", "fp4", "int8")
+    defaults = [
+        {"override /quantization@_global_.quantization": "nf4"},
+        {"override /optimizer@_global_.optimizer": "paged_adamw_8bit"},
+    ]

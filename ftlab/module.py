@@ -1,0 +1,62 @@
+"""The one LightningModule every method trains through.
+
+Methods differ only in what they do to the model (``apply``) and in the hooks of
+``ftlab.method.BaseMethod``; the loop, logging and optimizer wiring are shared here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ftlab.method import BaseMethod
+
+
+class FineTuneModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        method: BaseMethod,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Optional[Callable[..., Any]] = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.train_losses: list[float] = []  # one per training batch, for metrics.json
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.model(**batch)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.method.loss(self.model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train/loss is {loss.item()} at step {self.global_step}")
+        self.train_losses.append(float(loss.detach()))
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.method.loss(self.model, batch)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.method.on_step_end(self.model, self.global_step)
+
+    def configure_optimizers(self) -> Any:
+        groups = self.method.parameter_groups(self.model, self.method.config.lr)
+        if not any(p.requires_grad for g in groups for p in g["params"]):
+            raise ValueError(f"method '{self.method.config.name}' left no trainable parameter")
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, num_training_steps=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

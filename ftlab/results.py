@@ -1,0 +1,109 @@
+"""Per-run record: ``metrics.json`` in every run folder, written atomically, on success and failure."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+METRICS_FILE = "metrics.json"
+
+
+def _current_rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; falls back to the process peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakMemory:
+    """Peak RSS (and peak GPU memory) while the block runs.
+
+    Sampled in a thread rather than read from ``ru_maxrss``, because jobs of a sweep share one
+    process and the process-wide peak would carry one job's memory into the next one's record.
+    """
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak_rss_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss_mb = max(self.peak_rss_mb, _current_rss_mb())
+            self._stop.wait(self.interval_s)
+
+    @property
+    def peak_gpu_mb(self) -> Optional[float]:
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.max_memory_allocated() / 2**20
+
+    def __enter__(self) -> "PeakMemory":
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.peak_rss_mb = _current_rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss_mb = max(self.peak_rss_mb, _current_rss_mb())
+
+
+def loss_summary(losses: list[float]) -> dict[str, Optional[float]]:
+    """First/last training loss as means over the first/last 10% of steps (at least one), so a
+    single noisy batch does not decide whether the loss fell."""
+    if not losses:
+        return {"train_loss_first": None, "train_loss_last": None}
+    k = max(1, len(losses) // 10)
+    return {
+        "train_loss_first": sum(losses[:k]) / k,
+        "train_loss_last": sum(losses[-k:]) / k,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _json_safe(value.item() if value.numel() == 1 else value.tolist())
+    return value
+
+
+def write_metrics(directory: Path, metrics: dict[str, Any]) -> Path:
+    """Write ``metrics.json`` atomically: a crash mid-write never leaves a half file behind."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / METRICS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_metrics(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / METRICS_FILE).read_text())
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,170 @@
+"""One training run, top to bottom: config -> model -> method -> data -> fit -> save -> record.
+
+``train(cfg)`` is the task function Hydra calls once per job. It always leaves a
+``metrics.json`` in the run folder (``status: failed`` with the error when something breaks),
+and returns the validation loss, the metric a Hydra sweeper minimises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+from ftlab.config import validate
+from ftlab.data.datamodule import ChatDataModule
+from ftlab.errors import FtlabError
+from ftlab.models import count_parameters, load_model
+from ftlab.module import FineTuneModule
+from ftlab.quant import count_quantized_linear
+from ftlab.results import PeakMemory, Stopwatch, loss_summary, write_metrics
+
+log = logging.getLogger("ftlab")
+
+
+def train(cfg: DictConfig) -> float:
+    """Run one job and record it; re-raises failures after writing ``status: failed``."""
+    out = Path(cfg.paths.output_dir)
+    record = _base_record(cfg)
+    watch = Stopwatch()
+    with PeakMemory() as memory:
+        try:
+            record.update(_fit(cfg, out))
+            record["status"] = "completed"
+        except BaseException as exc:
+            record["status"] = "failed"
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            record["wall_s"] = round(watch.seconds, 2)
+            record["peak_rss_mb"] = round(memory.peak_rss_mb, 1)
+            record["peak_gpu_mb"] = memory.peak_gpu_mb
+            if rank_zero_only.rank == 0:
+                path = write_metrics(out, record)
+                log.info("run record: %s (status: %s)", path, record["status"])
+    return record["val_loss"] if record.get("val_loss") is not None else math.nan
+
+
+def _fit(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    info = validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    model, tokenizer = load_model(cfg.model, cfg.quantization, cache_dir=cfg.paths.cache_dir)
+    method = info.cls(OmegaConf.to_object(cfg.method))
+    model = method.apply(model)
+    trainable, total = count_parameters(model)
+    log.info(
+        "method %s on %s: trainable params %s || all params %s || trainable %.4f%%",
+        info.name, cfg.model.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+    )
+
+    datamodule = ChatDataModule(cfg.data)
+    datamodule.connect(tokenizer, max_length=cfg.data.max_length)
+    module = FineTuneModule(
+        model,
+        method,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    trainer, final_validation = _trainer(cfg, callbacks, _instantiate_all(cfg.get("logger")))
+    trainer.fit(module, datamodule=datamodule)
+    if final_validation:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    result: dict[str, Any] = {
+        "trainable_params": trainable,
+        "total_params": total,
+        "quantized_linear": count_quantized_linear(model),
+        "steps": trainer.global_step,
+        "val_loss": _metric(trainer, "val/loss"),
+        "train_losses": [round(x, 6) for x in module.train_losses],
+        **loss_summary(module.train_losses),
+    }
+    throughput = next((c for c in callbacks if hasattr(c, "tokens_per_s")), None)
+    if throughput is not None:
+        result["tokens_per_s"] = round(throughput.tokens_per_s, 1)
+        result["train_tokens"] = throughput.tokens
+    if cfg.save_model and trainer.is_global_zero:
+        saved = method.save(model, out / method.artifact)
+        tokenizer.save_pretrained(saved)
+        result["saved"] = str(saved)
+        log.info("saved %s to %s", method.artifact, saved)
+    return result
+
+
+def _trainer(cfg: DictConfig, callbacks: list, loggers: list) -> tuple[pl.Trainer, bool]:
+    """Instantiate the Trainer, validating every ``val_check_interval`` optimizer steps and
+    always at the end (returns whether a validation after ``fit`` is needed for that)."""
+    max_steps = int(cfg.trainer.max_steps)
+    interval = int(cfg.trainer.val_check_interval or max_steps)
+    if max_steps > 0:
+        interval = min(interval, max_steps)
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        val_check_interval=interval * accumulate,  # Lightning counts batches, ftlab counts steps
+    )
+    return trainer, max_steps > 0 and max_steps % interval != 0
+
+
+def _instantiate_all(nodes: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` node of a group like ``callbacks`` or ``logger``."""
+    if not nodes:
+        return []
+    return [hydra.utils.instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
+
+
+def _metric(trainer: pl.Trainer, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return float(value) if value is not None else None
+
+
+def _base_record(cfg: DictConfig) -> dict[str, Any]:
+    """What ran: method, model, every group choice and the command-line overrides."""
+    record: dict[str, Any] = {
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "status": "running",
+        "train_loss_first": None,
+        "train_loss_last": None,
+        "val_loss": None,
+        "trainable_params": None,
+        "total_params": None,
+        "peak_rss_mb": None,
+        "tokens_per_s": None,
+        "wall_s": None,
+        "max_steps": cfg.trainer.max_steps,
+    }
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        record["choices"] = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
+        record["overrides"] = list(hc.overrides.task)
+        record["job_num"] = hc.job.get("num")
+    return record
+
+
+def task(cfg: DictConfig) -> float:
+    """Hydra's task function: one failed job of a sweep is recorded and the sweep goes on;
+    in a single run, an input error is reported as one line and a non-zero exit."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        return train(cfg)
+    except Exception as exc:
+        if multirun:
+            log.error("job failed, the sweep goes on: %s: %s", type(exc).__name__, exc)
+            return math.nan
+        if isinstance(exc, FtlabError):
+            raise SystemExit(f"ftlab: error: {exc}") from None
+        raise
