@@ -1,0 +1,79 @@
+"""Every option of every config group composes; method defaults reach other groups; bad combos fail early."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from ftlab.config import CONF_DIR, compose
+from ftlab.errors import ConfigError
+from ftlab.registry import get_registry
+
+GROUPS = ["model", "data", "optimizer", "scheduler", "quantization", "trainer", "logger", "callbacks", "paths",
+          "experiment", "debug"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_group_option_composes(group: str, option: str) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "quantization" and option != "none":
+        overrides.append("method=qlora")
+    cfg = compose(overrides)
+    if group not in ("experiment", "debug"):
+        assert OmegaConf.to_container(cfg[group], resolve=False) is not None
+    OmegaConf.resolve(cfg.method)  # interpolations inside the method node resolve
+
+
+@pytest.mark.parametrize("method", sorted(get_registry().methods))
+def test_every_method_composes_and_names_itself(method: str) -> None:
+    cfg = compose([f"method={method}"])
+    assert cfg.method.name == method
+    assert cfg.optimizer.lr == cfg.method.lr
+
+
+def test_group_options_exist() -> None:
+    assert {"none", "nf4", "fp4", "int8"} <= set(_options("quantization"))
+    assert {"adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"} <= set(_options("optimizer"))
+    assert {"csv", "tensorboard", "wandb"} <= set(_options("logger"))
+    assert {"tiny", "llama"} <= set(_options("model"))
+
+
+def test_qlora_selects_nf4_and_paged_adamw_through_its_defaults() -> None:
+    cfg = compose(["method=qlora"])
+    assert cfg.quantization.name == "nf4"
+    assert cfg.quantization.bnb_4bit_use_double_quant is True
+    assert cfg.optimizer._target_ == "bitsandbytes.optim.PagedAdamW8bit"
+
+
+def test_command_line_beats_method_defaults() -> None:
+    cfg = compose(["method=qlora", "quantization=fp4", "optimizer=adamw"])
+    assert cfg.quantization.name == "fp4"
+    assert cfg.optimizer._target_ == "torch.optim.AdamW"
+
+
+def test_lora_on_nf4_spelled_out_equals_qlora_quantization() -> None:
+    spelled = compose(["method=lora", "quantization=nf4"])
+    assert spelled.quantization == compose(["method=qlora"]).quantization
+
+
+def test_method_field_override_is_typed() -> None:
+    assert compose(["method=lora", "method.r=8"]).method.r == 8
+    with pytest.raises(Exception, match="method.r"):
+        compose(["method=lora", "method.r=eight"])
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["method=full", "quantization=nf4"], "method 'full' cannot train on a quantization=nf4 base; it accepts quantization=none"),
+        (["method=freeze", "quantization=int8"], "method 'freeze' cannot train on a quantization=int8 base"),
+        (["method=qlora", "quantization=none"], "use method=lora for an unquantized base"),
+    ],
+)
+def test_method_rejects_quantized_base_at_compose_time(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
+        compose(overrides)

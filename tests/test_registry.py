@@ -1,0 +1,104 @@
+"""The method registry: discovery through entry points, and its errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from ftlab.config import compose
+from ftlab.registry import ENTRY_POINT_GROUP, MethodError, discover, get_registry
+
+BUILTIN = {"full", "freeze", "lora", "qlora"}
+
+
+def _builtin_eps() -> list[metadata.EntryPoint]:
+    return [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name in BUILTIN]
+
+
+def test_builtin_methods_come_through_entry_points() -> None:
+    registry = get_registry()
+    assert BUILTIN <= set(registry.methods)
+    for name in BUILTIN:
+        assert registry.methods[name].package == "ftlab"
+
+
+def test_unknown_method_lists_installed_methods() -> None:
+    with pytest.raises(MethodError, match=r"unknown method 'nope'\. Installed methods: .*freeze, full, lora, qlora"):
+        compose(["method=nope"])
+
+
+def test_bad_field_names_field_and_valid_fields() -> None:
+    with pytest.raises(MethodError) as err:
+        compose(["method=lora", "method.rr=8"])
+    assert "method 'lora' has no field 'rr'" in str(err.value)
+    assert "Valid fields: lr, r, alpha, dropout, target_modules, rslora, dora" in str(err.value)
+
+
+def test_bad_field_checked_for_every_swept_method() -> None:
+    with pytest.raises(MethodError, match="method 'freeze' has no field 'r'"):
+        compose(["method=lora,freeze", "method.r=4"])
+
+
+def test_broken_plugin_is_reported_and_others_still_work() -> None:
+    broken = metadata.EntryPoint(name="broken", value="ftlab_no_such_module:Method", group=ENTRY_POINT_GROUP)
+    registry = discover([*_builtin_eps(), broken])
+    assert set(registry.methods) == BUILTIN
+    assert "ftlab_no_such_module" in registry.broken["broken"]
+    assert "ModuleNotFoundError" in registry.broken["broken"]
+    with pytest.raises(MethodError, match="method 'broken' is installed but could not be loaded: .*ModuleNotFoundError"):
+        registry.get("broken")
+
+
+def test_plugin_breaking_the_contract_is_rejected() -> None:
+    not_a_method = metadata.EntryPoint(name="notmethod", value="ftlab.config:compose", group=ENTRY_POINT_GROUP)
+    bad_name = metadata.EntryPoint(name="Bad-Name", value="ftlab.methods.full:Full", group=ENTRY_POINT_GROUP)
+    registry = discover([not_a_method, bad_name])
+    assert not registry.methods
+    assert "must point at a method class" in registry.broken["notmethod"]
+    assert "must be lowercase" in registry.broken["Bad-Name"]
+
+
+def _fake_distribution(tmp_path: Path) -> Path:
+    """An installed distribution (a .dist-info on sys.path) whose method fails to import."""
+    site = tmp_path / "site"
+    info = site / "ftlab_broken_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ftlab-broken-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nbrokenmethod = ftlab_broken_plugin:Method\n")
+    (site / "ftlab_broken_plugin.py").write_text("import not_installed_dependency\n")
+    return site
+
+
+def test_cli_methods_reports_broken_installed_plugin(tmp_path: Path) -> None:
+    site = _fake_distribution(tmp_path)
+    env = {"PYTHONPATH": str(site), "COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "ftlab", "methods"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "broken plugin brokenmethod" in out.stdout
+    assert "No module named 'not_installed_dependency'" in out.stdout
+    for name in BUILTIN:
+        assert name in out.stdout
+
+
+def test_cli_bad_field_exits_with_message(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ftlab", "method=lora", "method.rr=8", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "ftlab: error: method 'lora' has no field 'rr'. Valid fields: lr, r, alpha" in out.stderr
+
+
+def test_cli_cfg_job_prints_composed_config() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ftlab", "--cfg", "job", "method=qlora", "model=tiny"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "name: qlora" in out.stdout and "bnb_4bit_quant_type: nf4" in out.stdout
+    assert "_target_: bitsandbytes.optim.PagedAdamW8bit" in out.stdout
