@@ -24,7 +24,7 @@ class FineTuneModule(pl.LightningModule):
         scheduler: Optional[Callable[..., Any]] = None,
     ) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.train()  # from_pretrained leaves eval mode: dropout would stay off
         self.method = method
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
+from ftlab.callbacks import TokenThroughput
 from ftlab.config import validate
 from ftlab.data.datamodule import ChatDataModule
 from ftlab.errors import FtlabError
+from ftlab.method import BaseMethod
 from ftlab.models import count_parameters, load_model
 from ftlab.module import FineTuneModule
 from ftlab.quant import count_quantized_linear
@@ -37,7 +42,7 @@ def train(cfg: DictConfig) -> float:
     watch = Stopwatch()
     with PeakMemory() as memory:
         try:
-            record.update(_fit(cfg, out))
+            record.update(fit(build(cfg), out))
             record["status"] = "completed"
         except BaseException as exc:
             record["status"] = "failed"
@@ -53,10 +58,24 @@ def train(cfg: DictConfig) -> float:
     return record["val_loss"] if record.get("val_loss") is not None else math.nan
 
 
-def _fit(cfg: DictConfig, out: Path) -> dict[str, Any]:
+@dataclass
+class Run:
+    """Everything one job trains with, built from the config before ``fit`` touches it."""
+
+    cfg: DictConfig
+    method: BaseMethod
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    module: FineTuneModule
+    datamodule: ChatDataModule
+    trainable_params: int
+    total_params: int
+
+
+def build(cfg: DictConfig) -> Run:
+    """Validate, seed, load the base model, apply the method, connect the data."""
     info = validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-
     model, tokenizer = load_model(cfg.model, cfg.quantization, cache_dir=cfg.paths.cache_dir)
     method = info.cls(OmegaConf.to_object(cfg.method))
     model = method.apply(model)
@@ -65,7 +84,6 @@ def _fit(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "method %s on %s: trainable params %s || all params %s || trainable %.4f%%",
         info.name, cfg.model.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
     )
-
     datamodule = ChatDataModule(cfg.data)
     datamodule.connect(tokenizer, max_length=cfg.data.max_length)
     module = FineTuneModule(
@@ -74,30 +92,35 @@ def _fit(cfg: DictConfig, out: Path) -> dict[str, Any]:
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    return Run(cfg, method, model, tokenizer, module, datamodule, trainable, total)
+
+
+def fit(run: Run, out: Path) -> dict[str, Any]:
+    """Train, validate at the end, save the artifact; return the metrics for the run record."""
+    cfg = run.cfg
+    throughput = TokenThroughput()  # always on: tokens/s belongs in every run record
+    callbacks = [throughput, *_instantiate_all(cfg.get("callbacks"))]
     trainer, final_validation = _trainer(cfg, callbacks, _instantiate_all(cfg.get("logger")))
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(run.module, datamodule=run.datamodule)
     if final_validation:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
 
     result: dict[str, Any] = {
-        "trainable_params": trainable,
-        "total_params": total,
-        "quantized_linear": count_quantized_linear(model),
+        "trainable_params": run.trainable_params,
+        "total_params": run.total_params,
+        "quantized_linear": count_quantized_linear(run.model),
         "steps": trainer.global_step,
         "val_loss": _metric(trainer, "val/loss"),
-        "train_losses": [round(x, 6) for x in module.train_losses],
-        **loss_summary(module.train_losses),
+        "train_losses": [round(x, 6) for x in run.module.train_losses],
+        **loss_summary(run.module.train_losses),
+        "tokens_per_s": round(throughput.tokens_per_s, 1),
+        "train_tokens": throughput.tokens,
     }
-    throughput = next((c for c in callbacks if hasattr(c, "tokens_per_s")), None)
-    if throughput is not None:
-        result["tokens_per_s"] = round(throughput.tokens_per_s, 1)
-        result["train_tokens"] = throughput.tokens
     if cfg.save_model and trainer.is_global_zero:
-        saved = method.save(model, out / method.artifact)
-        tokenizer.save_pretrained(saved)
+        saved = run.method.save(run.model, out / run.method.artifact)
+        run.tokenizer.save_pretrained(saved)
         result["saved"] = str(saved)
-        log.info("saved %s to %s", method.artifact, saved)
+        log.info("saved %s to %s", run.method.artifact, saved)
     return result
 
 

@@ -50,9 +50,8 @@ class Lora(BaseMethod):
     def apply(self, model: nn.Module) -> nn.Module:
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
             # casts norms to fp32 and makes the input embeddings require grad for checkpointing
-            model = peft.prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False))
-            )
+            checkpointing = bool(getattr(model, "is_activation_checkpointing", False))
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
         return peft.get_peft_model(model, self.peft_config())
 
 

@@ -1,0 +1,41 @@
+"""Shared fixtures: composed configs that write into tmp folders and share one model cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+from omegaconf import DictConfig
+
+from ftlab.config import compose
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache per test session: tiny checkpoints are materialized once."""
+    return tmp_path_factory.mktemp("ftlab-cache")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
+    """Compose a short run on model=tiny whose outputs go to tmp_path."""
+
+    def make(*overrides: str, steps: int = 3) -> DictConfig:
+        base: Sequence[str] = (
+            "model=tiny",
+            "logger=none",
+            "callbacks=none",
+            f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={steps}",
+            "trainer.limit_val_batches=2",
+            "trainer.enable_progress_bar=false",
+            "data.num_train=64",
+            "data.num_val=16",
+            "data.batch_size=4",
+            f"paths.output_dir={tmp_path / 'run'}",
+            f"paths.cache_dir={cache_dir}",
+        )
+        return compose([*base, *overrides])
+
+    return make
