@@ -36,6 +36,7 @@ def tiny_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
             f"paths.output_dir={tmp_path / 'run'}",
             f"paths.cache_dir={cache_dir}",
         )
-        return compose([*base, *overrides])
+        keys = {o.split("=", 1)[0] for o in overrides}
+        return compose([*(b for b in base if b.split("=", 1)[0] not in keys), *overrides])
 
     return make

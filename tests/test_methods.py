@@ -96,3 +96,27 @@ def test_failed_run_is_recorded(tiny_cfg) -> None:
     record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert record["status"] == "failed"
     assert "/nonexistent/data.jsonl" in record["error"]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_saved_adapter_loads_back_with_identical_logits(tiny_cfg, tmp_path: Path, method: str) -> None:
+    from peft import PeftModel
+
+    from ftlab.models import load_model
+
+    cfg = tiny_cfg(f"method={method}", "method.lr=1e-2")
+    run = build(cfg)
+    fit(run, tmp_path)
+    adapter = tmp_path / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+
+    base, _ = load_model(cfg.model, cfg.quantization, cache_dir=cfg.paths.cache_dir)
+    loaded = PeftModel.from_pretrained(base, adapter).eval()
+    batch = next(iter(run.datamodule.val_dataloader()))
+    with torch.no_grad():
+        expected = run.model.eval()(**batch).logits
+        got = loaded(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    base_only = load_model(cfg.model, cfg.quantization, cache_dir=cfg.paths.cache_dir)[0].eval()
+    with torch.no_grad():
+        assert not torch.allclose(base_only(**batch).logits, expected, atol=1e-4), "training changed nothing"

@@ -22,6 +22,8 @@ from typing import Any, Iterable, Mapping
 
 __all__ = ["DataError", "ROLES", "load_jsonl", "normalize_record", "validate_messages", "write_jsonl"]
 
+from ftlab.errors import FtlabError
+
 ROLES = ("system", "user", "assistant")
 _EXPECTED_SHAPE = (
     "expected either 'messages': [{role, content}, ...] or 'prompt' and 'response';"
@@ -29,7 +31,7 @@ _EXPECTED_SHAPE = (
 )
 
 
-class DataError(ValueError):
+class DataError(FtlabError):
     """A data file or record does not have the expected shape."""
 
 

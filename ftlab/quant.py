@@ -1,0 +1,129 @@
+"""Quantization config -> bitsandbytes, and checks that a base really is held quantized.
+
+The ``quantization`` config group (``none``/``nf4``/``fp4``/``int8``) only describes intent;
+this module is the single place that turns it into a ``transformers.BitsAndBytesConfig``, so
+tiny test models and real checkpoints take exactly the same path through ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
+
+QUANT_NAMES = ("none", "nf4", "fp4", "int8")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def to_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Resolve a config dtype name, failing with the valid names instead of a bare KeyError."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype '{name}'; expected one of: {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run at full speed here: a bf16-capable GPU, or a CPU with
+    AVX512-BF16/AMX. Without them bf16 is emulated and ~20x slower than fp32 (measured: a
+    SmolLM2 nf4+LoRA step took 160 s in bf16 against 8 s in fp32 on a 2-core AVX2 CPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def compute_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The 4-bit compute dtype; ``auto`` is bf16 (the QLoRA recipe) where it is native, else fp32."""
+    if str(name).lower() == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return to_dtype(name)
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """Read a field from a DictConfig, a dict or an object, so callers need not convert first."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def bnb_config(quant_cfg: Any) -> BitsAndBytesConfig | None:
+    """The BitsAndBytesConfig for ``quant_cfg``, or None when the base stays unquantized.
+
+    ``name`` picks the scheme; explicit ``load_in_4bit``/``load_in_8bit``/``bnb_4bit_quant_type``
+    fields must agree with it (a mismatch is a config bug, so it raises rather than guessing).
+    ``lm_head`` is never quantized: transformers leaves the output layer (and anything tied to
+    it) in full precision by default, and ``llm_int8_skip_modules`` adds to that list.
+    """
+    from transformers import BitsAndBytesConfig
+
+    name = str(_get(quant_cfg, "name", "none")).lower()
+    if name not in QUANT_NAMES:
+        raise ValueError(f"unknown quantization '{name}'; expected one of: {', '.join(QUANT_NAMES)}")
+    want_4bit, want_8bit = name in ("nf4", "fp4"), name == "int8"
+    load_4bit = bool(_get(quant_cfg, "load_in_4bit", want_4bit))
+    load_8bit = bool(_get(quant_cfg, "load_in_8bit", want_8bit))
+    if (load_4bit, load_8bit) != (want_4bit, want_8bit):
+        raise ValueError(
+            f"quantization '{name}' conflicts with load_in_4bit={load_4bit}, load_in_8bit={load_8bit}"
+        )
+    if name == "none":
+        return None
+
+    skip = _get(quant_cfg, "llm_int8_skip_modules", None)
+    skip = list(skip) if skip is not None else None
+    if want_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+    quant_type = str(_get(quant_cfg, "bnb_4bit_quant_type", name)).lower()
+    if quant_type != name:
+        raise ValueError(f"quantization '{name}' conflicts with bnb_4bit_quant_type='{quant_type}'")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=bool(_get(quant_cfg, "bnb_4bit_use_double_quant", False)),
+        bnb_4bit_compute_dtype=compute_dtype(_get(quant_cfg, "bnb_4bit_compute_dtype", "auto")),
+        llm_int8_skip_modules=skip,
+    )
+
+
+def count_quantized_linear(model: nn.Module) -> dict[str, int]:
+    """How many bitsandbytes 4-bit / 8-bit linear layers ``model`` holds (``linear``: plain ones).
+
+    A quantization config that silently fell back to full precision would still train, just
+    not as the experiment claims; tests and the run summary use this to prove it did not.
+    """
+    import bitsandbytes as bnb
+
+    counts = {"linear4bit": 0, "linear8bit": 0, "linear": 0}
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            counts["linear4bit"] += 1
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            counts["linear8bit"] += 1
+        elif isinstance(module, nn.Linear):
+            counts["linear"] += 1
+    return counts

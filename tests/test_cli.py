@@ -1,0 +1,85 @@
+"""The command line as users run it: single runs, sweeps, loggers (subprocesses, like a user's shell)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["model=tiny", "data.num_train=48", "data.num_val=16", "trainer.limit_val_batches=1"]
+
+
+def _ftlab(*args: str, cache: Path, entry: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = entry or [sys.executable, "-m", "ftlab"]
+    return subprocess.run(
+        [*cmd, *args, f"paths.cache_dir={cache}"], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_multirun_over_every_builtin_method(tmp_path: Path, cache_dir: Path) -> None:
+    sweep = tmp_path / "sweep"
+    out = _ftlab("-m", "method=full,freeze,lora,qlora", "trainer.max_steps=5", f"hydra.sweep.dir={sweep}", *TINY,
+                 cache=cache_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0_full", "1_freeze", "2_lora", "3_qlora"]
+    for job, method in zip(jobs, ["full", "freeze", "lora", "qlora"]):
+        record = json.loads((job / "metrics.json").read_text())
+        assert record["status"] == "completed"
+        assert record["method"] == method and record["choices"]["method"] == method
+        assert record["steps"] == 5
+        for key in ("train_loss_first", "train_loss_last", "val_loss", "trainable_params", "total_params",
+                    "peak_rss_mb", "tokens_per_s", "wall_s"):
+            assert isinstance(record[key], (int, float)), (method, key)
+        assert (job / ".hydra" / "config.yaml").exists()
+        assert (job / "csv" / "metrics.csv").exists()
+    qlora = json.loads((jobs[3] / "metrics.json").read_text())
+    assert qlora["quantized_linear"]["linear4bit"] > 0
+    assert (jobs[3] / "adapter" / "adapter_model.safetensors").exists()
+    assert (jobs[0] / "model" / "model.safetensors").exists()
+
+
+def test_console_script_train_subcommand(tmp_path: Path, cache_dir: Path) -> None:
+    script = shutil.which("ftlab", path=str(Path(sys.executable).parent))
+    assert script, "the ftlab console script is not installed"
+    out = _ftlab("train", "method=lora", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}", *TINY,
+                 cache=cache_dir, entry=[script])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_single_run_input_error_is_one_line_and_recorded(tmp_path: Path, cache_dir: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
+    out = _ftlab("method=lora", f"data.path={bad}", f"hydra.run.dir={tmp_path / 'run'}", *TINY, cache=cache_dir)
+    assert out.returncode != 0
+    assert f"ftlab: error: {bad} line 2" in out.stderr
+    assert "Traceback" not in out.stderr
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "failed" and "line 2" in record["error"]
+
+
+def test_failed_job_does_not_abort_the_sweep(tmp_path: Path, cache_dir: Path) -> None:
+    sweep = tmp_path / "sweep"
+    out = _ftlab("-m", "method=lora", "method.r=0,4", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}", *TINY,
+                 cache=cache_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads((sweep / f"{i}_lora" / "metrics.json").read_text()) for i in range(2)]
+    assert records[0]["status"] == "failed" and "r" in records[0]["error"]
+    assert records[1]["status"] == "completed"
+
+
+@pytest.mark.parametrize("logger,artifact", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_loggers_write_offline(tmp_path: Path, cache_dir: Path, logger: str, artifact: str, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = _ftlab(f"logger={logger}", "method=lora", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}", *TINY,
+                 cache=cache_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    written = list((tmp_path / artifact).rglob("*"))
+    assert written, f"{logger} wrote nothing"
+    if logger == "wandb":
+        assert any(p.name.startswith("offline-run-") for p in written)
