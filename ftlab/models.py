@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ftlab.quant import bnb_config, native_bf16, to_dtype
+from ftlab.quant import bnb_config, cfg_get, native_bf16, to_dtype
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -58,17 +58,6 @@ TINY_DEFAULTS: dict[str, Any] = {
 
 class ModelLoadError(RuntimeError):
     """A model config that cannot be turned into a model (missing package, bad field, ...)."""
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read a field from a DictConfig, dict or object; ``None`` means "use the default"."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
 
 
 # -- build-once cache folders ------------------------------------------------------------------
@@ -134,7 +123,7 @@ def tiny_config(model_cfg: Any, tokenizer: PreTrainedTokenizerBase) -> LlamaConf
     """A LlamaConfig shaped like SmolLM2 (tied embeddings, GQA) but a few hundred KB in size."""
     from transformers import LlamaConfig
 
-    sizes = {k: int(_get(model_cfg, k, v)) for k, v in TINY_DEFAULTS.items() if k != "init_seed"}
+    sizes = {k: int(cfg_get(model_cfg, k, v)) for k, v in TINY_DEFAULTS.items() if k != "init_seed"}
     return LlamaConfig(
         vocab_size=len(tokenizer),
         tie_word_embeddings=True,
@@ -153,7 +142,7 @@ def tiny_checkpoint(model_cfg: Any, cache_dir: str | Path) -> Path:
 
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
     config = tiny_config(model_cfg, tokenizer)
-    seed = int(_get(model_cfg, "init_seed", TINY_DEFAULTS["init_seed"]))
+    seed = int(cfg_get(model_cfg, "init_seed", TINY_DEFAULTS["init_seed"]))
     tok_digest = hashlib.sha256((TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()).hexdigest()
     arch = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
     key = _short_hash({"config": arch, "seed": seed, "tokenizer": tok_digest, "format": CACHE_FORMAT})
@@ -232,7 +221,7 @@ def convert_gguf(
 
 def gguf_checkpoint(model_cfg: Any, cache_dir: str | Path) -> Path:
     """The converted folder for the config's GGUF (the SmolLM2 default when name_or_path is null)."""
-    source, gguf_file = _get(model_cfg, "name_or_path"), _get(model_cfg, "gguf_file")
+    source, gguf_file = cfg_get(model_cfg, "name_or_path"), cfg_get(model_cfg, "gguf_file")
     if source is None:
         if gguf_file is not None:
             raise ModelLoadError(
@@ -249,7 +238,7 @@ def gguf_checkpoint(model_cfg: Any, cache_dir: str | Path) -> Path:
     else:  # a hub id: transformers downloads the file (needs network the first time)
         identity = [str(source), gguf_file]
     name = f"gguf-{Path(gguf_file).stem}-{_short_hash([identity, CACHE_FORMAT])}"
-    trust = bool(_get(model_cfg, "trust_remote_code", False))
+    trust = bool(cfg_get(model_cfg, "trust_remote_code", False))
     return convert_gguf(source, gguf_file, Path(cache_dir) / name, trust)
 
 
@@ -269,14 +258,14 @@ def _device_map(quantized: bool) -> dict[str, Any] | None:
 
 def checkpoint_path(model_cfg: Any, cache_dir: str | Path) -> str | Path:
     """What to hand ``from_pretrained``: a cached folder for tiny/GGUF models, else name_or_path."""
-    kind = str(_get(model_cfg, "kind", "pretrained"))
+    kind = str(cfg_get(model_cfg, "kind", "pretrained"))
     if kind == "tiny":
         return tiny_checkpoint(model_cfg, cache_dir)
     if kind != "pretrained":
         raise ModelLoadError(f"unknown model.kind '{kind}'; expected 'tiny' or 'pretrained'")
-    if _get(model_cfg, "name_or_path") is None or _get(model_cfg, "gguf_file") is not None:
+    if cfg_get(model_cfg, "name_or_path") is None or cfg_get(model_cfg, "gguf_file") is not None:
         return gguf_checkpoint(model_cfg, cache_dir)
-    return str(_get(model_cfg, "name_or_path"))
+    return str(cfg_get(model_cfg, "name_or_path"))
 
 
 def load_model(
@@ -287,14 +276,14 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = checkpoint_path(model_cfg, cache_dir)
-    trust = bool(_get(model_cfg, "trust_remote_code", False))
+    trust = bool(cfg_get(model_cfg, "trust_remote_code", False))
     quantization = bnb_config(quant_cfg)
     if quantization is not None and quantization.load_in_4bit:
         _warn_slow_cpu_compute(quantization.bnb_4bit_compute_dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
-            dtype=to_dtype(_get(model_cfg, "dtype", "float32")),
+            dtype=to_dtype(cfg_get(model_cfg, "dtype", "float32")),
             quantization_config=quantization,
             device_map=_device_map(quantization is not None),
             trust_remote_code=trust,
@@ -302,13 +291,13 @@ def load_model(
     except Exception as err:
         if quantization is not None and not torch.cuda.is_available():
             raise ModelLoadError(
-                f"loading {path} with bitsandbytes quantization '{_get(quant_cfg, 'name')}' failed on "
+                f"loading {path} with bitsandbytes quantization '{cfg_get(quant_cfg, 'name')}' failed on "
                 f"the CPU (bitsandbytes {_bnb_version()} may not support it there; use "
                 f"quantization=none or a GPU): {type(err).__name__}: {err}"
             ) from err
         raise
     tokenizer = load_tokenizer(path, trust_remote_code=trust)
-    if bool(_get(model_cfg, "gradient_checkpointing", False)):
+    if bool(cfg_get(model_cfg, "gradient_checkpointing", False)):
         # non-reentrant checkpointing works with frozen (quantized) inputs and needs no
         # enable_input_require_grads hack for adapters
         kwargs = {"use_reentrant": False}

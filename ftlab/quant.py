@@ -59,8 +59,9 @@ def compute_dtype(name: str | torch.dtype) -> torch.dtype:
     return to_dtype(name)
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read a field from a DictConfig, a dict or an object, so callers need not convert first."""
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """Read a field from a DictConfig, a dict or an object, so callers need not convert first;
+    a missing field or ``None`` means "use the default"."""
     if cfg is None:
         return default
     if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
@@ -80,12 +81,12 @@ def bnb_config(quant_cfg: Any) -> BitsAndBytesConfig | None:
     """
     from transformers import BitsAndBytesConfig
 
-    name = str(_get(quant_cfg, "name", "none")).lower()
+    name = str(cfg_get(quant_cfg, "name", "none")).lower()
     if name not in QUANT_NAMES:
         raise ValueError(f"unknown quantization '{name}'; expected one of: {', '.join(QUANT_NAMES)}")
     want_4bit, want_8bit = name in ("nf4", "fp4"), name == "int8"
-    load_4bit = bool(_get(quant_cfg, "load_in_4bit", want_4bit))
-    load_8bit = bool(_get(quant_cfg, "load_in_8bit", want_8bit))
+    load_4bit = bool(cfg_get(quant_cfg, "load_in_4bit", want_4bit))
+    load_8bit = bool(cfg_get(quant_cfg, "load_in_8bit", want_8bit))
     if (load_4bit, load_8bit) != (want_4bit, want_8bit):
         raise ValueError(
             f"quantization '{name}' conflicts with load_in_4bit={load_4bit}, load_in_8bit={load_8bit}"
@@ -93,19 +94,19 @@ def bnb_config(quant_cfg: Any) -> BitsAndBytesConfig | None:
     if name == "none":
         return None
 
-    skip = _get(quant_cfg, "llm_int8_skip_modules", None)
+    skip = cfg_get(quant_cfg, "llm_int8_skip_modules", None)
     skip = list(skip) if skip is not None else None
     if want_8bit:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
-    quant_type = str(_get(quant_cfg, "bnb_4bit_quant_type", name)).lower()
+    quant_type = str(cfg_get(quant_cfg, "bnb_4bit_quant_type", name)).lower()
     if quant_type != name:
         raise ValueError(f"quantization '{name}' conflicts with bnb_4bit_quant_type='{quant_type}'")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=bool(_get(quant_cfg, "bnb_4bit_use_double_quant", False)),
-        bnb_4bit_compute_dtype=compute_dtype(_get(quant_cfg, "bnb_4bit_compute_dtype", "auto")),
+        bnb_4bit_use_double_quant=bool(cfg_get(quant_cfg, "bnb_4bit_use_double_quant", False)),
+        bnb_4bit_compute_dtype=compute_dtype(cfg_get(quant_cfg, "bnb_4bit_compute_dtype", "auto")),
         llm_int8_skip_modules=skip,
     )
 
