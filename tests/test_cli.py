@@ -83,3 +83,14 @@ def test_loggers_write_offline(tmp_path: Path, cache_dir: Path, logger: str, art
     assert written, f"{logger} wrote nothing"
     if logger == "wandb":
         assert any(p.name.startswith("offline-run-") for p in written)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path: Path, cache_dir: Path) -> None:
+    out = _ftlab("trainer=ddp", "trainer.accelerator=cpu", "method=lora", "trainer.max_steps=3",
+                 f"hydra.run.dir={tmp_path}", *TINY, cache=cache_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out.stdout + out.stderr + (tmp_path / "train_ddp_process_1.log").read_text()
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["steps"] == 3
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
