@@ -152,7 +152,6 @@ def check_overrides(overrides: Sequence[str], default_method: str, registry: Reg
         key, sep, value = override.partition("=")
         if not sep or key.startswith(("+", "~", "hydra.")):
             continue
-        key = key.removeprefix("++")
         if key == METHOD_GROUP:
             methods = _sweep_values(value)
         elif key.startswith(METHOD_GROUP + "."):
