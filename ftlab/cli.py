@@ -1,4 +1,4 @@
-"""Command line: ``ftlab [train] OVERRIDES`` (also ``python -m ftlab``) and ``ftlab methods``.
+"""Command line: ``ftlab [train] OVERRIDES`` (also ``python -m ftlab``), ``ftlab methods``, ``ftlab compare``.
 
 Training goes through Hydra's own entry point, so every Hydra flag (``-m``, ``--cfg job``,
 ``hydra.run.dir=...``, ``--help``) behaves as Hydra users expect.
@@ -7,10 +7,11 @@ Training goes through Hydra's own entry point, so every Hydra flag (``-m``, ``--
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ftlab.config import default_method
 from ftlab.errors import FtlabError
@@ -18,7 +19,9 @@ from ftlab.errors import FtlabError
 SUBCOMMANDS = {
     "train": "train with Hydra overrides (the default when no subcommand is given)",
     "methods": "list installed fine-tuning methods, their package and their fields",
+    "compare": "compare finished runs: ftlab compare SWEEP_DIR [SWEEP_DIR ...] [--out DIR]",
 }
+SWEEP_ROOT = Path("outputs/multirun")  # where hydra/default.yaml puts sweeps
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -49,6 +52,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         print_methods()
         return
+    if args[:1] == ["compare"]:
+        compare(args[1:])
+        return
     if args[:1] == ["train"]:
         args = args[1:]
     from ftlab.registry import check_overrides, get_registry
@@ -58,8 +64,46 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         check_overrides(_overrides(args), default_method=default_method())
     except FtlabError as exc:
         raise SystemExit(f"ftlab: error: {exc}") from None
+    args += _resume_sweep_dir(args)
     sys.argv = [sys.argv[0], *args]
     hydra_main()
+
+
+def _resume_sweep_dir(args: Sequence[str]) -> list[str]:
+    """``-m ... resume=true`` re-runs into the newest sweep folder made by the same command, so
+    completed jobs are found and skipped (an explicit ``hydra.sweep.dir=`` is used as given)."""
+    overrides = _overrides(args)
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if not multirun or "resume=true" not in overrides or any(o.startswith("hydra.sweep.dir=") for o in overrides):
+        return []
+    wanted = sorted(o for o in overrides if not o.startswith("resume="))
+    for config in sorted(SWEEP_ROOT.glob("*/multirun.yaml"), reverse=True):
+        task = OmegaConf.load(config).hydra.overrides.task
+        if sorted(o for o in task if not o.startswith("resume=")) == wanted:
+            print(f"ftlab: resuming the sweep in {config.parent}", file=sys.stderr)
+            return [f"hydra.sweep.dir={config.parent}"]
+    print("ftlab: resume=true but no earlier sweep ran these overrides; starting a new sweep", file=sys.stderr)
+    return []
+
+
+def compare(args: Sequence[str]) -> None:
+    """``ftlab compare SWEEP_DIR [...] [--out DIR]``: rebuild the comparison from finished runs."""
+    import argparse
+
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from ftlab.compare import write_comparison
+
+    parser = argparse.ArgumentParser(prog="ftlab compare", description=SUBCOMMANDS["compare"])
+    parser.add_argument("sweep_dirs", nargs="+", type=Path, help="sweep (or run) folders")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the first folder)")
+    ns = parser.parse_args(list(args))
+    try:
+        table = write_comparison(ns.sweep_dirs, ns.out or ns.sweep_dirs[0])
+    except FileNotFoundError as exc:
+        raise SystemExit(f"ftlab: error: {exc}") from None
+    Console().print(Markdown(table))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,11 @@ def read_metrics(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / METRICS_FILE).read_text())
 
 
+def folder_mb(folder: Path, pattern: str = "*") -> float:
+    """Size on disk of the files in ``folder`` matching ``pattern`` (the saved weights)."""
+    return sum(p.stat().st_size for p in Path(folder).glob(pattern) if p.is_file()) / 2**20
+
+
 class Stopwatch:
     def __init__(self) -> None:
         self.start = time.perf_counter()

@@ -30,7 +30,7 @@ from ftlab.method import BaseMethod
 from ftlab.models import count_parameters, load_model
 from ftlab.module import FineTuneModule
 from ftlab.quant import count_quantized_linear
-from ftlab.results import PeakMemory, Stopwatch, loss_summary, write_metrics
+from ftlab.results import PeakMemory, Stopwatch, folder_mb, loss_summary, read_metrics, write_metrics
 
 log = logging.getLogger("ftlab")
 
@@ -38,6 +38,10 @@ log = logging.getLogger("ftlab")
 def train(cfg: DictConfig) -> float:
     """Run one job and record it; re-raises failures after writing ``status: failed``."""
     out = Path(cfg.paths.output_dir)
+    done = _completed_record(out) if cfg.get("resume") else None
+    if done is not None:
+        log.info("resume: %s already completed, skipping it", out)
+        return done["val_loss"] if done.get("val_loss") is not None else math.nan
     record = _base_record(cfg)
     watch = Stopwatch()
     with PeakMemory() as memory:
@@ -120,8 +124,17 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
         saved = run.method.save(run.model, out / run.method.artifact)
         run.tokenizer.save_pretrained(saved)
         result["saved"] = str(saved)
+        result["artifact_mb"] = round(folder_mb(saved, "*.safetensors"), 3)
         log.info("saved %s to %s", run.method.artifact, saved)
     return result
+
+
+def _completed_record(out: Path) -> dict[str, Any] | None:
+    try:
+        record = read_metrics(out)
+    except (OSError, ValueError):
+        return None
+    return record if record.get("status") == "completed" else None
 
 
 def _trainer(cfg: DictConfig, callbacks: list, loggers: list) -> tuple[pl.Trainer, bool]:

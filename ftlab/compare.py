@@ -1,0 +1,167 @@
+"""Sweep comparison: every job's ``metrics.json`` -> ``results.csv``, ``comparison.md``, ``comparison.png``.
+
+Jobs are grouped by what was swept (the overrides that differ between jobs, seeds excluded),
+so ``-m method=full,lora seed=0,1,2`` gives one row per method with mean and spread over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ftlab.results import METRICS_FILE
+
+IGNORED_KEYS = ("seed", "resume", "hydra.")  # never define a group: seeds are what we average over
+COLUMNS = [
+    "job", "method", "model", "seed", "status", "val_loss", "train_loss_first", "train_loss_last",
+    "trainable_params", "total_params", "artifact_mb", "peak_rss_mb", "tokens_per_s", "wall_s", "steps",
+    "train_tokens", "overrides", "error", "run_dir",
+]
+# (column, label, format) of the aggregated table
+SUMMARY = [
+    ("val_loss", "val loss", "{:.4f}"),
+    ("trainable_params", "trainable params", "{:,.0f}"),
+    ("artifact_mb", "saved MB", "{:.1f}"),
+    ("peak_rss_mb", "peak RSS MB", "{:,.0f}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("wall_s", "wall s", "{:.1f}"),
+]
+
+
+@dataclass
+class Group:
+    label: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def values(self, key: str) -> list[float]:
+        return [float(r[key]) for r in self.rows if r.get("status") == "completed" and r.get(key) is not None]
+
+    def cell(self, key: str, fmt: str) -> str:
+        values = self.values(key)
+        if not values:
+            return "-"
+        mean = fmt.format(statistics.fmean(values))
+        return mean if len(values) < 2 else f"{mean} ± {fmt.format(statistics.stdev(values))}"
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.rows if r.get("status") == status)
+
+
+def load_runs(sweep_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Every job record under the sweep folders, in job-number order (not glob order)."""
+    rows: list[dict[str, Any]] = []
+    for sweep in map(Path, sweep_dirs):
+        if not sweep.is_dir():
+            raise FileNotFoundError(f"{sweep}: no such sweep folder")
+        found = [json.loads(p.read_text()) | {"run_dir": str(p.parent)} for p in sweep.glob(f"*/{METRICS_FILE}")]
+        if (sweep / METRICS_FILE).is_file():  # a single run's folder
+            found.append(json.loads((sweep / METRICS_FILE).read_text()) | {"run_dir": str(sweep)})
+        found.sort(key=lambda r: (r.get("job_num") is None, r.get("job_num") or 0, r["run_dir"]))
+        rows.extend(found)
+    return rows
+
+
+def _swept(row: dict[str, Any]) -> list[str]:
+    return [o for o in row.get("overrides") or [] if not o.startswith(IGNORED_KEYS)]
+
+
+def group_runs(rows: Sequence[dict[str, Any]]) -> list[Group]:
+    """Group jobs by the overrides that vary between them (common ones would only add noise)."""
+    common = set.intersection(*(set(_swept(r)) for r in rows)) if rows else set()
+    groups: dict[str, Group] = {}
+    for row in rows:
+        label = " ".join(o for o in _swept(row) if o not in common) or str(row.get("method"))
+        groups.setdefault(label, Group(label)).rows.append(row)
+    return list(groups.values())
+
+
+def budget(rows: Sequence[dict[str, Any]]) -> str:
+    """The training budget every job got, so a reader knows the comparison was like for like."""
+    steps = sorted({r.get("max_steps") for r in rows if r.get("max_steps") is not None})
+    tokens = [r["train_tokens"] for r in rows if r.get("train_tokens")]
+    text = f"max_steps={', '.join(map(str, steps)) or '?'}"
+    if tokens:
+        text += f", training tokens per job {min(tokens):,}–{max(tokens):,}" if min(tokens) != max(tokens) else f", {tokens[0]:,} training tokens per job"
+    return text
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    groups = group_runs(rows)
+    seeds = sorted({r.get("seed") for r in rows}, key=str)
+    lines = [
+        f"# Comparison of {len(rows)} runs",
+        "",
+        f"Budget: {budget(rows)}. Seeds: {', '.join(map(str, seeds))}. Cells: mean ± std over completed runs.",
+        "Lower val loss is better.",
+        "",
+        "| run | completed | failed | " + " | ".join(label for _, label, _ in SUMMARY) + " |",
+        "|---|---|---|" + "---|" * len(SUMMARY),
+    ]
+    for g in groups:
+        cells = [g.cell(key, fmt) for key, _, fmt in SUMMARY]
+        lines.append(f"| {g.label} | {g.count('completed')} | {g.count('failed')} | " + " | ".join(cells) + " |")
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if failed:
+        lines += ["", "Failed runs:", ""]
+        lines += [f"- {r['run_dir']}: {r.get('error', '?')}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(r | {"job": r.get("job_num"), "overrides": " ".join(r.get("overrides") or [])})
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Val loss against trainable parameters and against peak memory, one point per group,
+    error bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in group_runs(rows) if g.values("val_loss")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, (key, xlabel) in zip(axes, [("trainable_params", "trainable parameters"), ("peak_rss_mb", "peak RSS (MB)")]):
+        for g in groups:
+            xs, ys = g.values(key), g.values("val_loss")
+            if not xs:
+                continue
+            x, y = statistics.fmean(xs), statistics.fmean(ys)
+            xerr = statistics.stdev(xs) if len(xs) > 1 else 0.0
+            yerr = statistics.stdev(ys) if len(ys) > 1 else 0.0
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=4, label=g.label)
+            ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        if groups:
+            ax.legend(fontsize=8)
+        if key == "trainable_params":
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("quality vs trainable parameters")
+    axes[1].set_title("quality vs peak memory")
+    fig.suptitle(f"{len(rows)} runs; budget: {budget(rows)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_comparison(sweep_dirs: Sequence[str | Path], out_dir: str | Path) -> str:
+    """Write results.csv, comparison.md and comparison.png into ``out_dir``; return the table."""
+    rows = load_runs(sweep_dirs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    write_results_csv(rows, out / "results.csv")
+    (out / "comparison.md").write_text(table)
+    if rows:
+        plot(rows, out / "comparison.png")
+    return table

@@ -1,0 +1,94 @@
+"""Sweep comparison: table, CSV and plot from job records; resume skips completed jobs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ftlab.compare import load_runs, markdown_table, write_comparison
+from ftlab.results import write_metrics
+
+
+def _job(root: Path, num: int, method: str, seed: int, val: float, status: str = "completed") -> None:
+    record = {"method": method, "seed": seed, "status": status, "job_num": num, "max_steps": 5,
+              "overrides": [f"method={method}", f"seed={seed}", "model=tiny"], "val_loss": val,
+              "trainable_params": 100 if method == "lora" else 1000, "peak_rss_mb": 500.0 + num,
+              "tokens_per_s": 10.0, "wall_s": 1.0, "train_tokens": 2000}
+    if status == "failed":
+        record |= {"val_loss": None, "error": "RuntimeError: boom"}
+    write_metrics(root / f"{num}_{method}", record)
+
+
+def _sweep(root: Path) -> Path:
+    for num, (method, seed, val) in enumerate(
+        [("full", 0, 1.0), ("full", 1, 1.2), ("lora", 0, 2.0), ("lora", 1, 2.2), ("lora", 2, 0.0)]
+    ):
+        _job(root, num, method, seed, val, status="failed" if num == 4 else "completed")
+    for num in range(10, 12):  # job 10 sorts after job 2 by number, before it by name
+        _job(root, num, "full", num, 1.1)
+    return root
+
+
+def test_table_groups_by_method_with_mean_and_spread(tmp_path: Path) -> None:
+    rows = load_runs([_sweep(tmp_path)])
+    assert [r["job_num"] for r in rows] == [0, 1, 2, 3, 4, 10, 11]
+    table = markdown_table(rows)
+    assert "| method=full | 4 | 0 | 1.1000 ± 0.0816 | 1,000 ± 0 |" in table
+    assert "| method=lora | 2 | 1 | 2.1000 ± 0.1414 | 100 ± 0 |" in table
+    assert "Budget: max_steps=5, 2,000 training tokens per job" in table
+    assert "RuntimeError: boom" in table
+
+
+def test_write_comparison_files(tmp_path: Path) -> None:
+    table = write_comparison([_sweep(tmp_path)], tmp_path / "out")
+    with (tmp_path / "out" / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3", "4", "10", "11"]
+    assert rows[4]["status"] == "failed" and rows[4]["error"] == "RuntimeError: boom"
+    png = (tmp_path / "out" / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (tmp_path / "out" / "comparison.md").read_text() == table
+
+
+def test_compare_cli_across_sweeps(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _job(a, 0, "lora", 0, 2.0)
+    _job(b, 0, "full", 0, 1.0)
+    out = subprocess.run([sys.executable, "-m", "ftlab", "compare", str(a), str(b), "--out", str(tmp_path / "c")],
+                         capture_output=True, text=True, timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert "method=lora" in out.stdout and "method=full" in out.stdout
+    assert (tmp_path / "c" / "comparison.png").exists()
+    missing = subprocess.run([sys.executable, "-m", "ftlab", "compare", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "nope: no such sweep folder" in missing.stderr
+
+
+def test_sweep_writes_comparison_and_resume_skips_completed_jobs(tmp_path: Path, cache_dir: Path) -> None:
+    args = [sys.executable, "-m", "ftlab", "-m", "method=full,lora,qlora", "seed=0,1", "model=tiny",
+            "trainer.max_steps=3", "data.num_train=48", "data.num_val=16", f"paths.cache_dir={cache_dir}"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    for name in ("results.csv", "comparison.md", "comparison.png"):
+        assert (sweep / name).exists(), name
+    table = (sweep / "comparison.md").read_text()
+    for method in ("full", "lora", "qlora"):
+        assert f"| method={method} | 2 | 0 |" in table
+
+    # an interrupted sweep: two jobs never finished
+    interrupted = [sweep / "1_full" / "metrics.json", sweep / "4_qlora" / "metrics.json"]
+    mtimes = {p: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json") if p not in interrupted}
+    for p in interrupted:
+        p.unlink()
+    second = subprocess.run([*args, "resume=true"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming the sweep in {sweep.relative_to(tmp_path)}" in second.stderr
+    assert second.stderr.count("already completed, skipping") + second.stdout.count("already completed, skipping") == 4
+    for p in interrupted:
+        assert json.loads(p.read_text())["status"] == "completed"
+    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items()), "a completed job was re-run"
+    assert list((tmp_path / "outputs" / "multirun").iterdir()) == [sweep]
