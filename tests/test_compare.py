@@ -92,3 +92,21 @@ def test_sweep_writes_comparison_and_resume_skips_completed_jobs(tmp_path: Path,
         assert json.loads(p.read_text())["status"] == "completed"
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items()), "a completed job was re-run"
     assert list((tmp_path / "outputs" / "multirun").iterdir()) == [sweep]
+
+
+def test_optuna_search_reports_best_trial(tmp_path: Path, cache_dir: Path) -> None:
+    sweep = tmp_path / "optuna"
+    out = subprocess.run(
+        [sys.executable, "-m", "ftlab", "-m", "+sweep=optuna", "method=lora", "model=tiny", "trainer.max_steps=2",
+         "data.num_train=48", "data.num_val=16", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}",
+         f"paths.cache_dir={cache_dir}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Best parameters: {'method.lr':" in out.stdout + out.stderr
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in best
+    values = [json.loads(p.read_text())["val_loss"] for p in sweep.glob("*/metrics.json")]
+    assert len(values) == 3
+    assert f"best_value: {min(values)}" in best
+    assert (sweep / "comparison.md").exists()

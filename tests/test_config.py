@@ -77,3 +77,25 @@ def test_method_field_override_is_typed() -> None:
 def test_method_rejects_quantized_base_at_compose_time(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
         compose(overrides)
+
+
+def test_sweep_presets_set_the_sweeper() -> None:
+    optuna = compose(["+sweep=optuna", "method=lora"], return_hydra_config=True)
+    assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert optuna.hydra.sweeper.direction == "minimize"
+    assert "method.lr" in optuna.hydra.sweeper.params
+    grid = compose(["+sweep=grid", "method=lora"], return_hydra_config=True)
+    assert grid.hydra.sweeper.params["method.r"] == "4,16,64"
+
+
+@pytest.mark.parametrize("experiment,swept", [("lora_qlora_full", "full,lora,qlora"),
+                                              ("freeze_vs_finetune", "freeze,lora,full")])
+def test_comparison_experiments_sweep_methods_over_seeds(experiment: str, swept: str) -> None:
+    cfg = compose([f"experiment={experiment}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.method == swept
+    assert cfg.hydra.sweeper.params.seed == "0,1,2"
+
+
+def test_joblib_launcher_is_selectable() -> None:
+    cfg = compose(["hydra/launcher=joblib"], return_hydra_config=True)
+    assert "Joblib" in cfg.hydra.launcher._target_
