@@ -89,7 +89,8 @@ def build(cfg: DictConfig) -> Run:
         info.name, cfg.model.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
     )
     datamodule = ChatDataModule(cfg.data)
-    datamodule.connect(tokenizer, max_length=cfg.data.max_length)
+    context = getattr(model.config, "max_position_embeddings", None)  # data.max_length is capped by it
+    datamodule.connect(tokenizer, max_length=context)
     module = FineTuneModule(
         model,
         method,

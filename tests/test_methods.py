@@ -120,3 +120,10 @@ def test_saved_adapter_loads_back_with_identical_logits(tiny_cfg, tmp_path: Path
     base_only = load_model(cfg.model, cfg.quantization, cache_dir=cfg.paths.cache_dir)[0].eval()
     with torch.no_grad():
         assert not torch.allclose(base_only(**batch).logits, expected, atol=1e-4), "training changed nothing"
+
+
+def test_max_length_too_short_for_any_answer_is_a_clear_error(tiny_cfg) -> None:
+    from ftlab.data.sources import DataError
+
+    with pytest.raises(DataError, match=r"every train example lost its assistant tokens.*raise data.max_length \(now 8\)"):
+        train(tiny_cfg("method=lora", "data.max_length=8"))

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ftlab.data.chat import IGNORE_INDEX, encode_chat, num_label_tokens
-from ftlab.data.sources import load_jsonl
+from ftlab.data.sources import DataError, load_jsonl
 from ftlab.data.synthetic import default_splits
 
 __all__ = ["DataConfig", "ChatDataModule", "EncodedDataset", "PadCollator", "split_records"]
@@ -167,7 +167,7 @@ class ChatDataModule(pl.LightningDataModule):
                 self.cfg.name, len(examples) - len(kept), len(examples), split, self.max_length,
             )
         if records and not kept:
-            raise ValueError(
+            raise DataError(
                 f"{self.cfg.name}: every {split} example lost its assistant tokens to truncation;"
                 f" raise data.max_length (now {self.max_length})"
             )
