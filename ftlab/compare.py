@@ -91,6 +91,7 @@ def budget(rows: Sequence[dict[str, Any]]) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     groups = group_runs(rows)
+    statuses = ["completed", "failed"] + (["pruned"] if any(r.get("status") == "pruned" for r in rows) else [])
     seeds = sorted({r.get("seed") for r in rows}, key=str)
     lines = [
         f"# Comparison of {len(rows)} runs",
@@ -98,12 +99,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         f"Budget: {budget(rows)}. Seeds: {', '.join(map(str, seeds))}. Cells: mean ± std over completed runs.",
         "Lower val loss is better.",
         "",
-        "| run | completed | failed | " + " | ".join(label for _, label, _ in SUMMARY) + " |",
-        "|---|---|---|" + "---|" * len(SUMMARY),
+        "| run | " + " | ".join(statuses + [label for _, label, _ in SUMMARY]) + " |",
+        "|---|" + "---|" * (len(statuses) + len(SUMMARY)),
     ]
     for g in groups:
         cells = [g.cell(key, fmt) for key, _, fmt in SUMMARY]
-        lines.append(f"| {g.label} | {g.count('completed')} | {g.count('failed')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {g.label} | " + " | ".join([str(g.count(s)) for s in statuses] + cells) + " |")
     failed = [r for r in rows if r.get("status") == "failed"]
     if failed:
         lines += ["", "Failed runs:", ""]

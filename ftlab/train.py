@@ -1,7 +1,8 @@
 """One training run, top to bottom: config -> model -> method -> data -> fit -> save -> record.
 
 ``train(cfg)`` is the task function Hydra calls once per job. It always leaves a
-``metrics.json`` in the run folder (``status: failed`` with the error when something breaks),
+``metrics.json`` in the run folder (``status: failed`` with the error when something breaks,
+``pruned`` when an Optuna pruner stopped it early),
 and returns the validation loss, the metric a Hydra sweeper minimises.
 """
 
@@ -29,6 +30,7 @@ from ftlab.errors import FtlabError
 from ftlab.method import BaseMethod
 from ftlab.models import count_parameters, load_model
 from ftlab.module import FineTuneModule
+from ftlab.pruning import OptunaPruning, trial_for_this_job
 from ftlab.quant import count_quantized_linear
 from ftlab.results import PeakMemory, Stopwatch, folder_mb, loss_summary, read_metrics, write_metrics
 
@@ -47,7 +49,7 @@ def train(cfg: DictConfig) -> float:
     with PeakMemory() as memory:
         try:
             record.update(fit(build(cfg), out))
-            record["status"] = "completed"
+            record["status"] = "pruned" if record.get("pruned_at_step") is not None else "completed"
         except BaseException as exc:
             record["status"] = "failed"
             record["error"] = f"{type(exc).__name__}: {exc}"
@@ -105,6 +107,10 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
     cfg = run.cfg
     throughput = TokenThroughput()  # always on: tokens/s belongs in every run record
     callbacks = [throughput, *_instantiate_all(cfg.get("callbacks"))]
+    trial = trial_for_this_job()
+    pruning = OptunaPruning(trial) if trial is not None else None
+    if pruning is not None:
+        callbacks.append(pruning)
     trainer, final_validation = _trainer(cfg, callbacks, _instantiate_all(cfg.get("logger")))
     trainer.fit(run.module, datamodule=run.datamodule)
     if final_validation:
@@ -121,6 +127,8 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
         "tokens_per_s": round(throughput.tokens_per_s, 1),
         "train_tokens": throughput.tokens,
     }
+    if pruning is not None:
+        result["pruned_at_step"] = pruning.pruned_at_step
     if cfg.save_model and trainer.is_global_zero:
         saved = run.method.save(run.model, out / run.method.artifact)
         run.tokenizer.save_pretrained(saved)

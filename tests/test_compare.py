@@ -110,3 +110,64 @@ def test_optuna_search_reports_best_trial(tmp_path: Path, cache_dir: Path) -> No
     assert len(values) == 3
     assert f"best_value: {min(values)}" in best
     assert (sweep / "comparison.md").exists()
+
+
+def test_optuna_prunes_a_bad_trial_and_records_it(tmp_path: Path, cache_dir: Path) -> None:
+    # lr=1e-7 barely moves the loss: once two trials have finished, it is worse than their median
+    # at step 2 and its job stops there; lr=3e-3 trials run the full 6 steps.
+    sweep = tmp_path / "pruned"
+    out = subprocess.run(
+        [sys.executable, "-m", "ftlab", "-m", "+sweep=optuna", "method=lora", "model=tiny", "trainer.max_steps=6",
+         "trainer.val_check_interval=2", "data.num_train=48", "data.num_val=16", "method.lr=choice(0.003,0.0000001)",
+         "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache_dir}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = load_runs([sweep])
+    pruned = [r for r in rows if r["status"] == "pruned"]
+    assert pruned and all(r["steps"] == r["pruned_at_step"] == 2 for r in pruned)
+    assert all("method.lr=1e-07" in r["overrides"] for r in pruned)
+    assert all(r["steps"] == 6 for r in rows if r["status"] == "completed")
+    assert "Failed experiment" not in out.stdout + out.stderr
+    assert "Best parameters: {'method.lr': 0.003}" in out.stdout + out.stderr
+    table = (sweep / "comparison.md").read_text()
+    assert "| run | completed | failed | pruned |" in table
+
+
+def test_pruned_trial_is_told_to_optuna_as_pruned() -> None:
+    import optuna
+    import torch
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from ftlab.pruning import OptunaPruning, track_trial
+
+    study = optuna.create_study()
+    cfg = OmegaConf.create({"pruner": {"_target_": "optuna.pruners.ThresholdPruner", "upper": 1.0}})
+    good, bad = study.ask(), study.ask()
+    track_trial(cfg, good)
+    track_trial(cfg, bad)
+    assert isinstance(study.pruner, optuna.pruners.ThresholdPruner)
+    for trial, loss in [(good, 0.5), (bad, 5.0)]:
+        trainer = SimpleNamespace(callback_metrics={"val/loss": torch.tensor(loss)}, sanity_checking=False,
+                                  global_step=3, should_stop=False)
+        callback = OptunaPruning(trial)
+        callback.on_validation_end(trainer, None)
+        assert trainer.should_stop == (trial is bad)
+        assert callback.pruned_at_step == (3 if trial is bad else None)
+        study.tell(trial, loss)  # what the sweeper does with the job's return value
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert study.best_value == 0.5
+
+
+def test_pruner_null_turns_pruning_off() -> None:
+    import optuna
+    from omegaconf import OmegaConf
+
+    from ftlab.pruning import track_trial
+
+    study = optuna.create_study()
+    track_trial(OmegaConf.create({"pruner": None}), study.ask())
+    assert isinstance(study.pruner, optuna.pruners.NopPruner)
