@@ -7,3 +7,8 @@ class FtlabError(ValueError):
 
 class ConfigError(FtlabError):
     """A composed config that cannot run, e.g. a method on a quantized base it cannot train."""
+
+
+class MethodError(FtlabError):
+    """A method name or field that does not exist, a plugin that cannot be used, or a hook a
+    method cannot honour (e.g. merging prompt tuning into weights)."""

@@ -1,9 +1,10 @@
 """The method plugin contract: a config dataclass plus a few hooks with sensible defaults.
 
 A method turns a loaded base model into the model to train (``apply``). Everything else the
-training module needs from a method (which parameters to optimize and with which learning rates,
-the loss, a per-step hook, what to save) has a default here, so most methods override
-``apply`` only.
+training module and the export path need from a method (which parameters to optimize and with
+which learning rates, the loss, a per-step hook, what to save and how to load it back, how to
+merge into plain weights, which quantized bases it accepts) has a default here, so most methods
+override ``apply`` only. ``ftlab.testing`` checks every hook against a tiny model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from ftlab.errors import MethodError
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 
@@ -58,12 +61,18 @@ class BaseMethod:
         artifact: the name of the saved folder in the run directory ("model", "adapter").
         defaults: Hydra defaults-list entries the method selects in other groups, e.g.
             ``{"override /quantization": "nf4"}``; the command line still wins over them.
+        trains_base: whether weights of the base model itself train (full, freeze); when False,
+            the contract checks that every base weight stays frozen and unchanged.
+        cannot_merge: why the trained model cannot be folded into plain base weights (prompt
+            tuning adds virtual tokens, bottleneck adapters a non-linearity); empty if it can.
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     quantizations: ClassVar[tuple[str, ...]] = ("none",)
     defaults: ClassVar[list[Any]] = []
     artifact: ClassVar[str] = "model"  # run-folder name of what ``save`` writes
+    trains_base: ClassVar[bool] = False
+    cannot_merge: ClassVar[str] = ""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -85,12 +94,28 @@ class BaseMethod:
     def on_step_end(self, model: nn.Module, global_step: int) -> None:
         """Called after every optimizer step (e.g. AdaLoRA's rank budget update)."""
 
-    # -- saving -------------------------------------------------------------------------------
+    # -- saving, loading, merging ----------------------------------------------------------------
     def save(self, model: nn.Module, directory: Path) -> Path:
         """Save what this method trained in HF format (safetensors) and return the folder."""
         directory.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(directory, safe_serialization=True)
         return directory
+
+    def load(self, base: nn.Module, directory: Path) -> nn.Module:
+        """Rebuild the trained model from a freshly loaded ``base`` and what ``save`` wrote.
+
+        The default reads a whole saved model (full, freeze), so ``base`` only gives its class.
+        """
+        return type(base).from_pretrained(directory, dtype=base.dtype)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Return a plain transformers model with what was trained folded into its weights.
+
+        The default is for methods that train base weights directly: the model already is one.
+        """
+        if self.cannot_merge:
+            raise MethodError(f"method '{self.config.name}' cannot be merged into the base weights: {self.cannot_merge}")
+        return model
 
     @staticmethod
     def trainable_names(model: nn.Module) -> Iterable[str]:

@@ -17,16 +17,12 @@ from typing import Any, Iterable, List, Sequence
 from hydra.core.config_store import ConfigStore
 
 from ftlab.config import method_presets
-from ftlab.errors import FtlabError
+from ftlab.errors import MethodError
 from ftlab.method import BaseMethod, MethodConfig, config_fields, field_default
 
 ENTRY_POINT_GROUP = "ftlab.methods"
 METHOD_GROUP = "method"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class MethodError(FtlabError):
-    """A method name or method field that does not exist, or a plugin that cannot be used."""
 
 
 @dataclass

@@ -32,6 +32,7 @@ class Freeze(BaseMethod):
     """Freeze everything, then unfreeze the last ``last_n_blocks`` blocks and the named modules."""
 
     Config = FreezeConfig
+    trains_base = True
 
     def apply(self, model: nn.Module) -> nn.Module:
         cfg = self.config

@@ -18,6 +18,7 @@ class Full(BaseMethod):
     """Train all parameters. Needs an unquantized base: 4-bit/8-bit weights cannot take gradients."""
 
     Config = FullConfig
+    trains_base = True
 
     def apply(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():

@@ -8,7 +8,8 @@ from typing import Any, Optional
 import peft
 from torch import nn
 
-from ftlab.method import QUANTIZATIONS, BaseMethod, MethodConfig
+from ftlab.method import QUANTIZATIONS, MethodConfig
+from ftlab.peft_method import PeftMethod
 
 
 @dataclass
@@ -27,12 +28,11 @@ class LoraConfig(MethodConfig):
     )
 
 
-class Lora(BaseMethod):
+class Lora(PeftMethod):
     Config = LoraConfig
     quantizations = QUANTIZATIONS
-    artifact = "adapter"
 
-    def peft_config(self) -> peft.LoraConfig:
+    def peft_config(self, model: nn.Module) -> peft.LoraConfig:
         c = self.config
         targets = c.target_modules if isinstance(c.target_modules, str) else list(c.target_modules)
         return peft.LoraConfig(
@@ -46,13 +46,6 @@ class Lora(BaseMethod):
             bias=c.bias,
             modules_to_save=list(c.modules_to_save) if c.modules_to_save else None,
         )
-
-    def apply(self, model: nn.Module) -> nn.Module:
-        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-            # casts norms to fp32 and makes the input embeddings require grad for checkpointing
-            checkpointing = bool(getattr(model, "is_activation_checkpointing", False))
-            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-        return peft.get_peft_model(model, self.peft_config())
 
 
 class QLora(Lora):
