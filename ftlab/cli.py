@@ -18,7 +18,7 @@ from ftlab.errors import FtlabError
 
 SUBCOMMANDS = {
     "train": "train with Hydra overrides (the default when no subcommand is given)",
-    "methods": "list installed fine-tuning methods, their package and their fields",
+    "methods": "list installed methods and presets; --sizes [OVERRIDES] measures each on a model",
     "compare": "compare finished runs: ftlab compare SWEEP_DIR [SWEEP_DIR ...] [--out DIR]",
 }
 SWEEP_ROOT = Path("outputs/multirun")  # where hydra/default.yaml puts sweeps
@@ -48,9 +48,7 @@ def _overrides(args: Sequence[str]) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["methods"]:
-        from ftlab.methods_table import print_methods
-
-        print_methods()
+        methods(args[1:])
         return
     if args[:1] == ["compare"]:
         compare(args[1:])
@@ -84,6 +82,36 @@ def _resume_sweep_dir(args: Sequence[str]) -> list[str]:
             return [f"hydra.sweep.dir={config.parent}"]
     print("ftlab: resume=true but no earlier sweep ran these overrides; starting a new sweep", file=sys.stderr)
     return []
+
+
+def methods(args: Sequence[str]) -> None:
+    """``ftlab methods [--sizes [OVERRIDES ...] [--out FILE]]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ftlab methods", description=SUBCOMMANDS["methods"])
+    parser.add_argument("--sizes", action="store_true",
+                        help="apply and save every method on the model the overrides pick (default model=llama); "
+                             "print trainable parameters and saved size as a markdown table")
+    parser.add_argument("--out", type=Path, default=None, help="also write the --sizes table to this file")
+    parser.add_argument("overrides", nargs="*", help="config overrides for --sizes, e.g. model=tiny")
+    ns = parser.parse_intermixed_args(list(args))
+    if not ns.sizes:
+        if ns.overrides or ns.out:
+            parser.error("overrides and --out go with --sizes")
+        from ftlab.methods_table import print_methods
+
+        print_methods()
+        return
+    from ftlab.method_sizes import sizes_table
+
+    overrides = ns.overrides if any(o.startswith("model=") for o in ns.overrides) else ["model=llama", *ns.overrides]
+    try:
+        table = sizes_table(overrides)
+    except FtlabError as exc:
+        raise SystemExit(f"ftlab: error: {exc}") from None
+    print(table, end="")
+    if ns.out:
+        ns.out.write_text(table)
 
 
 def compare(args: Sequence[str]) -> None:

@@ -14,11 +14,6 @@ CONF_DIR = Path(__file__).parent / "conf"
 CONFIG_NAME = "train"
 
 
-def method_presets() -> set[str]:
-    """Names of YAML options under ``conf/method/`` (presets that extend a registered node)."""
-    return {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
-
-
 def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
     """Compose the training config exactly as ``python -m ftlab`` would, for tests and tools."""
     from hydra import compose as hydra_compose

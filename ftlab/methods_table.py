@@ -1,4 +1,4 @@
-"""``ftlab methods``: every installed method, where it came from, and its fields."""
+"""``ftlab methods``: every installed method and preset, where it came from, and its fields."""
 
 from __future__ import annotations
 
@@ -27,10 +27,25 @@ def methods_table(registry: Registry) -> Table:
     return table
 
 
+def presets_table(registry: Registry) -> Table:
+    table = Table(title="ftlab method presets (method=NAME starts from a method's node)", show_lines=True)
+    table.add_column("preset", style="bold cyan", max_width=32)
+    table.add_column("package", no_wrap=True)
+    table.add_column("starts from")
+    table.add_column("sets", ratio=2)
+    for name, preset in sorted(registry.presets.items()):
+        label = name + ("\n[dim]" + escape(preset.summary) + "[/dim]" if preset.summary else "")
+        sets = escape(", ".join(f"{k}={v!r}" for k, v in preset.values.items()))
+        table.add_row(label, f"{preset.package} {preset.version}".strip(), preset.base, sets)
+    return table
+
+
 def print_methods(registry: Registry | None = None, console: Console | None = None) -> None:
     registry = registry or get_registry()
     console = console or Console()
     console.print(methods_table(registry))
+    if registry.presets:
+        console.print(presets_table(registry))
     for name, reason in sorted(registry.broken.items()):
         console.print(f"[red]broken plugin[/red] {name}: {reason}")
     console.print("Use one with: python -m ftlab method=NAME method.FIELD=VALUE")

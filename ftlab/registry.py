@@ -1,8 +1,10 @@
-"""Method discovery through the ``ftlab.methods`` entry-point group, and ConfigStore registration.
+"""Method discovery through entry points, and ConfigStore registration.
 
-Built-in methods are declared in ftlab's own pyproject and travel the same path as third-party
-ones. A plugin that fails to import (or breaks the contract) is recorded with its reason and
-left out; every other method keeps working.
+Two groups: ``ftlab.methods`` (name = a method class) and ``ftlab.presets`` (value = a package
+whose ``*.yaml`` files are presets: a defaults list that starts from a registered method, plus
+the fields it sets, e.g. ``lora_r64``). Built-in methods and presets are declared in ftlab's own
+pyproject and travel the same path as third-party ones. A plugin that fails to import (or breaks
+the contract) is recorded with its reason and left out; every other method keeps working.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ import dataclasses
 import re
 import traceback
 from dataclasses import dataclass, field
-from importlib import metadata
+from importlib import metadata, resources
 from typing import Any, Iterable, List, Sequence
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
-from ftlab.config import method_presets
 from ftlab.errors import MethodError
 from ftlab.method import BaseMethod, MethodConfig, config_fields, field_default
 
 ENTRY_POINT_GROUP = "ftlab.methods"
+PRESET_GROUP = "ftlab.presets"
 METHOD_GROUP = "method"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -39,11 +42,31 @@ class MethodInfo:
 
 
 @dataclass
+class PresetInfo:
+    """A YAML preset of the ``method`` group that starts from a registered method's node."""
+
+    name: str
+    base: str  # the registered method it starts from
+    package: str
+    version: str
+    summary: str  # the file's first comment line
+    node: DictConfig  # stored in the ConfigStore as it is: defaults list + the fields it sets
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return {k: v for k, v in OmegaConf.to_container(self.node).items() if k != "defaults"}
+
+
+@dataclass
 class Registry:
     methods: dict[str, MethodInfo] = field(default_factory=dict)
-    broken: dict[str, str] = field(default_factory=dict)  # entry-point name -> reason
+    presets: dict[str, PresetInfo] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)  # entry-point or preset name -> reason
 
     def get(self, name: str) -> MethodInfo:
+        """The method ``name`` selects: itself, or the method a preset starts from."""
+        if name in self.presets:
+            return self.methods[self.presets[name].base]
         if name in self.methods:
             return self.methods[name]
         if name in self.broken:
@@ -52,6 +75,8 @@ class Registry:
 
     def describe_installed(self) -> str:
         text = "Installed methods: " + ", ".join(sorted(self.methods)) + "."
+        if self.presets:
+            text += " Presets: " + ", ".join(sorted(self.presets)) + "."
         if self.broken:
             text += " Broken plugins: " + "; ".join(f"{n} ({r})" for n, r in sorted(self.broken.items()))
         return text
@@ -91,9 +116,20 @@ def _validate(name: str, obj: Any) -> type[BaseMethod]:
     return obj
 
 
-def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Registry:
-    """Load every method entry point; keep going past broken ones."""
-    eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP) if entry_points is None else entry_points)
+def discover(
+    entry_points: Iterable[metadata.EntryPoint] | None = None,
+    preset_entry_points: Iterable[metadata.EntryPoint] | None = None,
+) -> Registry:
+    """Load every method entry point, then every preset package; keep going past broken ones.
+
+    Passing ``entry_points`` without ``preset_entry_points`` discovers no presets (tests build
+    registries from a chosen set of entry points).
+    """
+    if entry_points is None:
+        entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
+        if preset_entry_points is None:
+            preset_entry_points = metadata.entry_points(group=PRESET_GROUP)
+    eps = list(entry_points)
     registry = Registry()
     for ep in sorted(eps, key=lambda e: e.name):
         if ep.name in registry.methods or ep.name in registry.broken:
@@ -114,7 +150,53 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Regis
             version=dist.version if dist is not None else "",
             config_node=_config_node(ep.name, cls),
         )
+    for ep in sorted(preset_entry_points or [], key=lambda e: e.name):
+        _load_presets(registry, ep)
     return registry
+
+
+def _load_presets(registry: Registry, ep: metadata.EntryPoint) -> None:
+    """Read every ``*.yaml`` of the package ``ep`` points at as a preset of the method group."""
+    dist = getattr(ep, "dist", None)
+    package = dist.name if dist is not None else ep.value.split(".")[0]
+    try:
+        files = sorted((f for f in resources.files(ep.value).iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+    except Exception as exc:
+        registry.broken[f"presets:{ep.name}"] = f"{ep.value}: {traceback.format_exception_only(type(exc), exc)[-1].strip()}"
+        return
+    for path in files:
+        name = path.name.removesuffix(".yaml")
+        try:
+            text = path.read_text()
+            preset = _preset(name, OmegaConf.create(text), registry)
+        except Exception as exc:
+            registry.broken[name] = f"preset {ep.value}/{path.name}: {exc}"
+            continue
+        comments = [line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")]
+        registry.presets[name] = PresetInfo(
+            name, preset, package, dist.version if dist is not None else "", comments[0] if comments else "",
+            OmegaConf.create(text),
+        )
+
+
+def _preset(name: str, node: Any, registry: Registry) -> str:
+    """Check a preset file and return the method it starts from."""
+    if not _NAME.match(name):
+        raise MethodError(f"preset name '{name}' must be lowercase letters, digits and '_'")
+    if name in registry.methods or name in registry.presets:
+        raise MethodError(f"preset '{name}' has the name of an installed method or preset")
+    defaults = node.get("defaults") if isinstance(node, DictConfig) else None
+    first = defaults[0] if defaults else None
+    if not isinstance(first, str) or first not in registry.methods:
+        raise MethodError(
+            f"its defaults list must start with the registered method it extends (one of: {', '.join(sorted(registry.methods))}), "
+            f"got {first!r}"
+        )
+    valid = registry.methods[first].field_names
+    for key in node:
+        if key != "defaults" and key not in valid:
+            raise MethodError(f"'{key}' is not a field of method '{first}'. Valid fields: {', '.join(valid)}")
+    return first
 
 
 _REGISTRY: Registry | None = None
@@ -133,6 +215,8 @@ def register(registry: Registry) -> None:
     cs = ConfigStore.instance()
     for info in registry.methods.values():
         cs.store(group=METHOD_GROUP, name=info.name, node=info.config_node, provider=info.package)
+    for preset in registry.presets.values():
+        cs.store(group=METHOD_GROUP, name=preset.name, node=preset.node, provider=preset.package)
 
 
 def check_overrides(overrides: Sequence[str], default_method: str, registry: Registry | None = None) -> None:
@@ -153,9 +237,7 @@ def check_overrides(overrides: Sequence[str], default_method: str, registry: Reg
         elif key.startswith(METHOD_GROUP + "."):
             keys.append(key[len(METHOD_GROUP) + 1:])
     for method in methods:
-        if method not in registry.methods and method in method_presets():
-            continue  # a YAML preset extending a registered node: Hydra checks its fields
-        registry.get(method)
+        registry.get(method)  # a preset is checked against the method it starts from
         for key in keys:
             registry.check_field(method, key)
 

@@ -78,17 +78,22 @@ class Run:
     total_params: int
 
 
-def build(cfg: DictConfig) -> Run:
-    """Validate, seed, load the base model, apply the method, connect the data."""
+def build_model(cfg: DictConfig) -> tuple[BaseMethod, nn.Module, PreTrainedTokenizerBase]:
+    """Validate, seed, load the base model and apply the method to it."""
     info = validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     model, tokenizer = load_model(cfg.model, cfg.quantization, cache_dir=cfg.paths.cache_dir)
     method = info.cls(OmegaConf.to_object(cfg.method))
-    model = method.apply(model)
+    return method, method.apply(model), tokenizer
+
+
+def build(cfg: DictConfig) -> Run:
+    """The model with the method applied, the data connected to its tokenizer, the module."""
+    method, model, tokenizer = build_model(cfg)
     trainable, total = count_parameters(model)
     log.info(
         "method %s on %s: trainable params %s || all params %s || trainable %.4f%%",
-        info.name, cfg.model.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+        cfg.method.name, cfg.model.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
     )
     datamodule = ChatDataModule(cfg.data)
     context = getattr(model.config, "max_position_embeddings", None)  # data.max_length is capped by it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -94,3 +95,21 @@ def test_ddp_two_cpu_processes(tmp_path: Path, cache_dir: Path) -> None:
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "completed" and record["steps"] == 3
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_methods_lists_presets_and_sizes_table(tmp_path: Path, cache_dir: Path) -> None:
+    listing = subprocess.run([sys.executable, "-m", "ftlab", "methods"], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "COLUMNS": "200"})
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    assert "method presets" in listing.stdout and "rslora" in listing.stdout and "r=64, alpha=16" in listing.stdout
+    table_file = tmp_path / "sizes.md"
+    sizes = _ftlab("methods", "--sizes", "model=tiny", "--out", str(table_file), cache=cache_dir)
+    assert sizes.returncode == 0, sizes.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in table_file.read_text().splitlines()[2:]}
+    assert {"full", "lora", "qlora"} <= set(rows) and "rslora" not in rows  # presets only change fields
+    assert "| full | none | 138,048 | 100.000 | model |" in rows["full"]
+    assert "| lora | none | 32,768 |" in rows["lora"] and "| adapter |" in rows["lora"]
+    assert rows["qlora"].startswith("| qlora | nf4 |")
+    assert table_file.read_text() in sizes.stdout
+    bad = subprocess.run([sys.executable, "-m", "ftlab", "methods", "model=tiny"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "overrides and --out go with --sizes" in bad.stderr

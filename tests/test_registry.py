@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ftlab.config import compose
-from ftlab.registry import ENTRY_POINT_GROUP, MethodError, discover, get_registry
+from ftlab.registry import ENTRY_POINT_GROUP, PRESET_GROUP, MethodError, discover, get_registry
 
 BUILTIN = {"full", "freeze", "lora", "qlora"}
 
@@ -101,3 +101,53 @@ def test_cli_cfg_job_prints_composed_config() -> None:
     assert out.returncode == 0, out.stderr
     assert "name: qlora" in out.stdout and "bnb_4bit_quant_type: nf4" in out.stdout
     assert "_target_: bitsandbytes.optim.PagedAdamW8bit" in out.stdout
+
+
+def _preset_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, str]) -> metadata.EntryPoint:
+    package = tmp_path / "my_presets"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name, text in files.items():
+        (package / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return metadata.EntryPoint(name="mine", value="my_presets", group=PRESET_GROUP)
+
+
+def test_builtin_presets_start_from_lora_and_compose() -> None:
+    registry = get_registry()
+    assert {"lora_r64", "dora", "rslora"} <= set(registry.presets)
+    assert registry.presets["lora_r64"].base == "lora" and registry.presets["lora_r64"].package == "ftlab"
+    cfg = compose(["method=lora_r64", "method.alpha=8"])  # the command line wins over the preset
+    assert (cfg.method.name, cfg.method.r, cfg.method.alpha, cfg.method.dropout) == ("lora", 64, 8, 0.05)
+    assert compose(["method=dora"]).method.dora is True
+
+
+def test_preset_fields_are_checked_against_its_method() -> None:
+    with pytest.raises(MethodError, match="method 'dora' has no field 'rr'. Valid fields: lr, r, alpha"):
+        compose(["method=dora", "method.rr=8"])
+
+
+def test_plugin_preset_package_is_discovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ep = _preset_package(tmp_path, monkeypatch, {
+        "lora_tiny_rank.yaml": "# LoRA with rank 2.\ndefaults:\n  - lora\nr: 2\n",
+        "bad_field.yaml": "defaults:\n  - lora\nrr: 2\n",
+        "bad_base.yaml": "defaults:\n  - nothing_here\nr: 2\n",
+        "full.yaml": "defaults:\n  - lora\n",
+    })
+    registry = discover(_builtin_eps(), [ep])
+    preset = registry.presets["lora_tiny_rank"]
+    assert (preset.base, preset.values, preset.summary) == ("lora", {"r": 2}, "LoRA with rank 2.")
+    assert registry.get("lora_tiny_rank").name == "lora"
+    assert "'rr' is not a field of method 'lora'. Valid fields: lr, r," in registry.broken["bad_field"]
+    assert "bad_field.yaml" in registry.broken["bad_field"]
+    assert "must start with the registered method it extends" in registry.broken["bad_base"]
+    assert "got 'nothing_here'" in registry.broken["bad_base"]
+    assert "has the name of an installed method" in registry.broken["full"]
+    assert set(registry.methods) == BUILTIN  # broken presets leave the methods alone
+
+
+def test_preset_package_that_does_not_import_is_reported(tmp_path: Path) -> None:
+    ep = metadata.EntryPoint(name="gone", value="no_such_presets_pkg", group=PRESET_GROUP)
+    registry = discover(_builtin_eps(), [ep])
+    assert "ModuleNotFoundError" in registry.broken["presets:gone"]
+    assert set(registry.methods) == BUILTIN

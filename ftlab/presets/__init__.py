@@ -1,0 +1,2 @@
+"""ftlab's own method presets (``*.yaml`` here), declared through the ``ftlab.presets`` entry
+point exactly as a plugin's presets are."""
