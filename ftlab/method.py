@@ -87,9 +87,14 @@ class BaseMethod:
         """Optimizer parameter groups; override for per-group learning rates (e.g. LoRA+)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
+    def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The keyword arguments of the model's forward for a batch; override to add inputs
+        the method's model needs (multitask prompt tuning's ``task_ids``)."""
+        return dict(batch)
+
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The training objective; the default is the causal LM loss over labelled tokens."""
-        return model(**batch).loss
+        return model(**self.model_inputs(batch)).loss
 
     def on_step_end(self, model: nn.Module, global_step: int) -> None:
         """Called after every optimizer step (e.g. AdaLoRA's rank budget update)."""

@@ -9,12 +9,18 @@ PEFT injects the layers (``get_peft_model``), saves only what trained
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import peft
 from torch import nn
 
 from ftlab.method import BaseMethod
+
+
+def module_names(value: Any) -> Any:
+    """A config's module-name list as PEFT wants it: a plain list (OmegaConf gives ListConfig),
+    or a string (``"all-linear"``, a regex) or None (PEFT's per-architecture default) as is."""
+    return value if value is None or isinstance(value, str) else list(value)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -43,4 +49,28 @@ class PeftMethod(BaseMethod):
 
     def merge(self, model: nn.Module) -> nn.Module:
         super().merge(model)  # refuses with the reason when ``cannot_merge`` says why
+        if is_quantized(model.get_base_model()):
+            return merge_dequantized(model)
         return model.merge_and_unload()
+
+
+def merge_dequantized(model: peft.PeftModel) -> nn.Module:
+    """Fold the adapter into a dequantized copy of a 4/8-bit base.
+
+    Merging into the quantized weights (PEFT's ``merge_and_unload`` on bitsandbytes layers)
+    re-quantizes them and rounds most of a small update away. Instead: keep the adapter's
+    weights, take the base out (``unload``), dequantize it to its compute dtype, put the same
+    adapter back and merge in full precision: the result computes what the quantized model did.
+    """
+    config = model.peft_config[model.active_adapter]
+    state = peft.get_peft_model_state_dict(model)
+    base = model.unload().dequantize()
+    restored = peft.get_peft_model(base, config)
+    result = peft.set_peft_model_state_dict(restored, state)
+    if result.unexpected_keys:
+        raise RuntimeError(f"adapter weights did not fit the dequantized base: {result.unexpected_keys[:3]}")
+    merged = restored.merge_and_unload()
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(merged, flag):
+            setattr(merged, flag, False)  # the weights are plain tensors now
+    return merged

@@ -78,13 +78,18 @@ class Run:
     total_params: int
 
 
-def build_model(cfg: DictConfig) -> tuple[BaseMethod, nn.Module, PreTrainedTokenizerBase]:
-    """Validate, seed, load the base model and apply the method to it."""
+def load_base(cfg: DictConfig) -> tuple[BaseMethod, nn.Module, PreTrainedTokenizerBase]:
+    """Validate, seed, load the base model; return it with the (not yet applied) method."""
     info = validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     model, tokenizer = load_model(cfg.model, cfg.quantization, cache_dir=cfg.paths.cache_dir)
-    method = info.cls(OmegaConf.to_object(cfg.method))
-    return method, method.apply(model), tokenizer
+    return info.cls(OmegaConf.to_object(cfg.method)), model, tokenizer
+
+
+def build_model(cfg: DictConfig) -> tuple[BaseMethod, nn.Module, PreTrainedTokenizerBase]:
+    """The base model with the method applied to it."""
+    method, base, tokenizer = load_base(cfg)
+    return method, method.apply(base), tokenizer
 
 
 def build(cfg: DictConfig) -> Run:

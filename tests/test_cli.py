@@ -21,27 +21,34 @@ def _ftlab(*args: str, cache: Path, entry: list[str] | None = None, timeout: int
     )
 
 
-def test_multirun_over_every_builtin_method(tmp_path: Path, cache_dir: Path) -> None:
+def test_multirun_over_every_registered_method(tmp_path: Path, cache_dir: Path) -> None:
+    from ftlab.registry import get_registry
+
+    methods = sorted(get_registry().methods)
+    assert len(methods) >= 16
     sweep = tmp_path / "sweep"
-    out = _ftlab("-m", "method=full,freeze,lora,qlora", "trainer.max_steps=5", f"hydra.sweep.dir={sweep}", *TINY,
+    out = _ftlab("-m", f"method={','.join(methods)}", "trainer.max_steps=3", f"hydra.sweep.dir={sweep}", *TINY,
                  cache=cache_dir)
     assert out.returncode == 0, out.stderr[-3000:]
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0_full", "1_freeze", "2_lora", "3_qlora"]
-    for job, method in zip(jobs, ["full", "freeze", "lora", "qlora"]):
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_", 1)[0]))
+    assert [p.name for p in jobs] == [f"{i}_{m}" for i, m in enumerate(methods)]
+    for job, method in zip(jobs, methods):
         record = json.loads((job / "metrics.json").read_text())
-        assert record["status"] == "completed"
+        assert record["status"] == "completed", (method, record.get("error"))
         assert record["method"] == method and record["choices"]["method"] == method
-        assert record["steps"] == 5
+        assert record["steps"] == 3
         for key in ("train_loss_first", "train_loss_last", "val_loss", "trainable_params", "total_params",
-                    "peak_rss_mb", "tokens_per_s", "wall_s"):
+                    "peak_rss_mb", "tokens_per_s", "wall_s", "artifact_mb"):
             assert isinstance(record[key], (int, float)), (method, key)
         assert (job / ".hydra" / "config.yaml").exists()
         assert (job / "csv" / "metrics.csv").exists()
-    qlora = json.loads((jobs[3] / "metrics.json").read_text())
+    by_method = dict(zip(methods, jobs))
+    qlora = json.loads((by_method["qlora"] / "metrics.json").read_text())
     assert qlora["quantized_linear"]["linear4bit"] > 0
-    assert (jobs[3] / "adapter" / "adapter_model.safetensors").exists()
-    assert (jobs[0] / "model" / "model.safetensors").exists()
+    assert (by_method["qlora"] / "adapter" / "adapter_model.safetensors").exists()
+    assert (by_method["full"] / "model" / "model.safetensors").exists()
+    table = (sweep / "comparison.md").read_text()
+    assert all(f"| method={m} | 1 | 0 |" in table for m in methods)
 
 
 def test_console_script_train_subcommand(tmp_path: Path, cache_dir: Path) -> None:

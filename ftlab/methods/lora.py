@@ -9,7 +9,7 @@ import peft
 from torch import nn
 
 from ftlab.method import QUANTIZATIONS, MethodConfig
-from ftlab.peft_method import PeftMethod
+from ftlab.peft_method import PeftMethod, module_names
 
 
 @dataclass
@@ -26,6 +26,9 @@ class LoraConfig(MethodConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "extra modules trained in full and saved with the adapter"}
     )
+    plus_ratio: float = field(
+        default=1.0, metadata={"help": "LoRA+: B matrices train at lr * plus_ratio (the paper suggests 16; 1 = plain LoRA)"}
+    )
 
 
 class Lora(PeftMethod):
@@ -34,18 +37,27 @@ class Lora(PeftMethod):
 
     def peft_config(self, model: nn.Module) -> peft.LoraConfig:
         c = self.config
-        targets = c.target_modules if isinstance(c.target_modules, str) else list(c.target_modules)
         return peft.LoraConfig(
             task_type=peft.TaskType.CAUSAL_LM,
             r=c.r,
             lora_alpha=c.alpha,
             lora_dropout=c.dropout,
-            target_modules=targets,
+            target_modules=module_names(c.target_modules),
             use_rslora=c.rslora,
             use_dora=c.dora,
             bias=c.bias,
             modules_to_save=list(c.modules_to_save) if c.modules_to_save else None,
         )
+
+
+    def parameter_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        """LoRA+ (Hayou et al. 2024): B learns faster than A, by ``plus_ratio``."""
+        if self.config.plus_ratio == 1.0:
+            return super().parameter_groups(model, lr)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        fast = [p for n, p in trainable if "lora_B" in n or "lora_embedding_B" in n]
+        rest = [p for n, p in trainable if not ("lora_B" in n or "lora_embedding_B" in n)]
+        return [{"params": rest, "lr": lr}, {"params": fast, "lr": lr * self.config.plus_ratio}]
 
 
 class QLora(Lora):

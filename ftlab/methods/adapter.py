@@ -1,0 +1,137 @@
+"""Bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP").
+
+A small two-layer network, ``x + up(act(down(x)))``, is applied to the output of the attention
+and/or the MLP of every decoder layer, before the residual add, while every base weight stays
+frozen. ``up`` starts at zero, so training starts from exactly the base model.
+
+PEFT has no such tuner, so this module implements the method itself: it is the example of a
+method that is not a PEFT wrapper. The adapters are attached as submodules of each decoder
+layer (``model.layers.3.mlp_adapter``) and run by forward hooks on ``self_attn``/``mlp``, so the
+base model's parameter names are unchanged and the saved file holds only adapter weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ftlab.errors import ConfigError
+from ftlab.method import QUANTIZATIONS, BaseMethod, MethodConfig
+from ftlab.methods.freeze import decoder_blocks
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+PLACES = {"attention": ("self_attn",), "mlp": ("mlp",), "both": ("self_attn", "mlp")}
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    lr: float = field(default=1e-3, metadata={"help": "learning rate (the optimizer's lr follows it)"})
+    reduction_factor: int = field(
+        default=16, metadata={"help": "bottleneck size = hidden size / reduction_factor (Houlsby/AdapterHub convention)"}
+    )
+    activation: str = field(default="gelu", metadata={"help": "non-linearity in the bottleneck: " + ", ".join(ACTIVATIONS)})
+    dropout: float = field(default=0.0, metadata={"help": "dropout inside the bottleneck"})
+    where: str = field(default="both", metadata={"help": "after which sublayers: attention, mlp or both (Houlsby: both)"})
+
+
+class Bottleneck(nn.Module):
+    """``x + up(act(down(x)))`` with ``up`` zero-initialised: the identity until it trains."""
+
+    def __init__(self, hidden: int, size: int, activation: str, dropout: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, size, dtype=dtype)
+        self.act = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(size, hidden, dtype=dtype)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.down.weight.dtype)  # a bf16/4-bit base can hand over another dtype
+        return x + self.up(self.dropout(self.act(self.down(h)))).to(x.dtype)
+
+
+def _adapt_output(adapter: Bottleneck):
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):  # attention returns (hidden states, attention weights, ...)
+            return (adapter(output[0]), *output[1:])
+        return adapter(output)
+
+    return hook
+
+
+class Adapter(BaseMethod):
+    """Houlsby bottleneck adapters after attention and MLP; implemented by ftlab, not PEFT."""
+
+    Config = AdapterConfig
+    quantizations = QUANTIZATIONS  # the base stays frozen; adapters compute in full precision
+    artifact = "adapter"
+    cannot_merge = "the bottleneck has a non-linearity between its two layers, so it is no linear map to fold into a weight"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        c = self.config
+        if c.activation not in ACTIVATIONS:
+            raise ConfigError(f"method.activation={c.activation!r} is not valid; use one of: {', '.join(ACTIVATIONS)}")
+        if c.where not in PLACES:
+            raise ConfigError(f"method.where={c.where!r} is not valid; use one of: {', '.join(PLACES)}")
+        hidden = model.config.hidden_size
+        if not 1 <= c.reduction_factor <= hidden:
+            raise ConfigError(f"method.reduction_factor={c.reduction_factor} must be between 1 and the hidden size {hidden}")
+        model.requires_grad_(False)
+        dtype = _float_dtype(model)
+        _, blocks = decoder_blocks(model)
+        for block in blocks:
+            for place in PLACES[c.where]:
+                sublayer = getattr(block, place, None)
+                if not isinstance(sublayer, nn.Module):
+                    raise ConfigError(
+                        f"method=adapter: the decoder layers of {type(model).__name__} ({type(block).__name__}) have no "
+                        f"'{place}' submodule to put an adapter after; use method.where= with the sublayers it has"
+                    )
+                adapter = Bottleneck(hidden, hidden // c.reduction_factor, c.activation, c.dropout, dtype)
+                block.add_module(f"{place}_adapter", adapter.to(_device(sublayer)))
+                sublayer.register_forward_hook(_adapt_output(adapter))
+        return model
+
+    def save(self, model: nn.Module, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(_adapter_state(model), str(directory / WEIGHTS_FILE))
+        (directory / CONFIG_FILE).write_text(json.dumps({"method": "adapter", **asdict(self.config)}, indent=2))
+        return directory
+
+    def load(self, base: nn.Module, directory: Path) -> nn.Module:
+        model = self.apply(base)
+        state = load_file(str(directory / WEIGHTS_FILE))
+        missing = set(_adapter_state(model)) - set(state)
+        unexpected = set(state) - set(_adapter_state(model))
+        if missing or unexpected:
+            raise ConfigError(
+                f"{directory / WEIGHTS_FILE} does not match method.reduction_factor/where of this config: "
+                f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
+        model.load_state_dict(state, strict=False)
+        return model
+
+
+def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if "_adapter." in n}
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype adapters compute in: the base's floating dtype (fp32 beside 4/8-bit weights)."""
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
