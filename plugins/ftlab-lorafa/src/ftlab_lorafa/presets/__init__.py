@@ -1,0 +1,1 @@
+"""Presets of the lora_fa method, one YAML file each."""
