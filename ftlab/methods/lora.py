@@ -32,6 +32,8 @@ class LoraConfig(MethodConfig):
 
 
 class Lora(PeftMethod):
+    """LoRA: trained low-rank updates B·A beside frozen weights; DoRA, rsLoRA and LoRA+ switches."""
+
     Config = LoraConfig
     quantizations = QUANTIZATIONS
 
