@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -121,7 +121,3 @@ class BaseMethod:
         if self.cannot_merge:
             raise MethodError(f"method '{self.config.name}' cannot be merged into the base weights: {self.cannot_merge}")
         return model
-
-    @staticmethod
-    def trainable_names(model: nn.Module) -> Iterable[str]:
-        return (n for n, p in model.named_parameters() if p.requires_grad)
