@@ -64,13 +64,13 @@ def merge_dequantized(model: peft.PeftModel) -> nn.Module:
     """
     config = model.peft_config[model.active_adapter]
     state = peft.get_peft_model_state_dict(model)
+    inner = model.get_base_model()
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(inner, flag):  # cleared first: PEFT's IA3 refuses even to unload a model flagged so
+            setattr(inner, flag, False)
     base = model.unload().dequantize()
     restored = peft.get_peft_model(base, config)
     result = peft.set_peft_model_state_dict(restored, state)
     if result.unexpected_keys:
         raise RuntimeError(f"adapter weights did not fit the dequantized base: {result.unexpected_keys[:3]}")
-    merged = restored.merge_and_unload()
-    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if hasattr(merged, flag):
-            setattr(merged, flag, False)  # the weights are plain tensors now
-    return merged
+    return restored.merge_and_unload()

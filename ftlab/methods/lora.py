@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import peft
 from torch import nn
 
+from ftlab.errors import ConfigError
 from ftlab.method import QUANTIZATIONS, MethodConfig
 from ftlab.peft_method import PeftMethod, module_names
+
+LORA_B = re.compile(r"\.lora_(embedding_)?B\.")  # PEFT's names: ...q_proj.lora_B.default.weight
 
 
 @dataclass
@@ -51,15 +55,20 @@ class Lora(PeftMethod):
             modules_to_save=list(c.modules_to_save) if c.modules_to_save else None,
         )
 
-
     def parameter_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        """LoRA+ (Hayou et al. 2024): B learns faster than A, by ``plus_ratio``."""
-        if self.config.plus_ratio == 1.0:
+        """LoRA+ (Hayou et al. 2024): B starts at zero and, for wide layers, learns efficiently only
+        at a higher rate than A; so B matrices (of linear and embedding layers) get ``lr * plus_ratio``."""
+        ratio = self.config.plus_ratio
+        if ratio == 1.0:
             return super().parameter_groups(model, lr)
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        fast = [p for n, p in trainable if "lora_B" in n or "lora_embedding_B" in n]
-        rest = [p for n, p in trainable if not ("lora_B" in n or "lora_embedding_B" in n)]
-        return [{"params": rest, "lr": lr}, {"params": fast, "lr": lr * self.config.plus_ratio}]
+        if ratio <= 0:
+            raise ConfigError(f"method.plus_ratio={ratio} must be positive (1 turns LoRA+ off, 16 is the paper's)")
+        slow: list[nn.Parameter] = []
+        fast: list[nn.Parameter] = []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (fast if LORA_B.search(name) else slow).append(param)
+        return [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}]
 
 
 class QLora(Lora):
