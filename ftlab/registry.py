@@ -168,14 +168,14 @@ def _load_presets(registry: Registry, ep: metadata.EntryPoint) -> None:
         name = path.name.removesuffix(".yaml")
         try:
             text = path.read_text()
-            preset = _preset(name, OmegaConf.create(text), registry)
+            node = OmegaConf.create(text)
+            preset = _preset(name, node, registry)
         except Exception as exc:
             registry.broken[name] = f"preset {ep.value}/{path.name}: {exc}"
             continue
         comments = [line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")]
         registry.presets[name] = PresetInfo(
-            name, preset, package, dist.version if dist is not None else "", comments[0] if comments else "",
-            OmegaConf.create(text),
+            name, preset, package, dist.version if dist is not None else "", comments[0] if comments else "", node,
         )
 
 

@@ -112,8 +112,14 @@ def check_base_frozen(run: ContractRun) -> None:
     assert not trained, f"{_who(run)}: base weights require grad but trains_base is False: {trained[:5]}"
 
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter, to compare against after training (``changed_parameters``)."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed_parameters(model: nn.Module, before: Mapping[str, torch.Tensor]) -> set[str]:
+    """Names of the parameters that differ, bit for bit, from a ``snapshot``."""
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
 
 
 def _step(run: ContractRun, optimizer: torch.optim.Optimizer, step: int) -> torch.Tensor:
@@ -132,11 +138,11 @@ def _optimizer(run: ContractRun) -> torch.optim.Optimizer:
 
 
 def check_step_changes_only_trainable(run: ContractRun) -> None:
-    before = _snapshot(run.model)
+    before = snapshot(run.model)
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     loss = _step(run, _optimizer(run), 1)
     assert torch.isfinite(loss), f"{_who(run)}: training loss is {loss.item()}"
-    changed = {n for n, p in run.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    changed = changed_parameters(run.model, before)
     assert changed, f"{_who(run)}: one optimizer step changed no parameter"
     frozen_changed = sorted(changed - trainable)
     assert not frozen_changed, f"{_who(run)}: frozen parameters changed in one step: {frozen_changed[:5]}"
@@ -150,9 +156,7 @@ def _eval_loss(run: ContractRun) -> float:
 
 def check_loss_falls(run: ContractRun, steps: int = LOSS_STEPS) -> None:
     first = _eval_loss(run)
-    optimizer = _optimizer(run)
-    for step in range(1, steps + 1):
-        _step(run, optimizer, step)
+    _train(run, steps)
     last = _eval_loss(run)
     assert last < first, f"{_who(run)}: loss on a fixed batch did not fall in {steps} steps: {first:.5f} -> {last:.5f}"
 
@@ -163,16 +167,17 @@ def _logits(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
     return model(**inputs).logits.float()
 
 
-def _trained(run: ContractRun, steps: int = 2) -> None:
-    """A couple of steps, so that zero-initialised parts (LoRA's B, adapters' up) are non-zero
-    and a save/load or merge that dropped them would show."""
+def _train(run: ContractRun, steps: int = 2) -> None:
+    """``steps`` optimizer steps on the fixed batch. Before save/load and merge checks, a couple
+    of them make zero-initialised parts (LoRA's B, adapters' up) non-zero, so that dropping them
+    would show."""
     optimizer = _optimizer(run)
     for step in range(1, steps + 1):
         _step(run, optimizer, step)
 
 
 def check_save_load(run: ContractRun, directory: str | Path) -> None:
-    _trained(run)
+    _train(run)
     expected = _logits(run.model, run.inputs())
     saved = run.method.save(run.model, Path(directory) / run.method.artifact)
     loaded = run.method.load(fresh_base(run), saved)
@@ -190,7 +195,7 @@ def check_merge(run: ContractRun) -> None:
             run.method.merge(run.model)
         assert run.method.cannot_merge in str(refused.value), f"{_who(run)}: merge refused without saying why"
         return
-    _trained(run)
+    _train(run)
     expected = _logits(run.model, run.inputs())
     merged = run.method.merge(run.model)
     assert isinstance(merged, PreTrainedModel), f"{_who(run)}: merge returned {type(merged).__name__}, not a transformers model"

@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftlab.testing import changed_parameters, snapshot
 from ftlab.train import build, fit, train
-
-
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _changed(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
-    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
 
 
 @pytest.mark.parametrize(
@@ -32,9 +25,9 @@ def test_method_changes_exactly_its_trainable_parameters(tiny_cfg, tmp_path: Pat
     run = build(tiny_cfg(f"method={method}", *overrides))
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     assert trainable, "the method left nothing to train"
-    before = _snapshot(run.model)
+    before = snapshot(run.model)
     fit(run, tmp_path)
-    changed = _changed(run.model, before)
+    changed = changed_parameters(run.model, before)
     assert changed == trainable
     total = sum(1 for _ in run.model.named_parameters())
     if method == "full":

@@ -20,21 +20,13 @@ from ftlab.methods.prefix import Prefix
 from ftlab.methods.prompt import Prompt
 from ftlab.methods.ptuning import PTuning
 from ftlab.methods.vera import Vera
-from ftlab.testing import contract_run, fresh_base
+from ftlab.testing import changed_parameters, contract_run, fresh_base, snapshot
 from ftlab.train import build, fit
 
 PEFT_TUNERS = {
     "prefix": Prefix, "prompt": Prompt, "ptuning": PTuning, "multitask_prompt": MultitaskPrompt, "ia3": IA3,
     "loha": LoHa, "lokr": LoKr, "adalora": AdaLora, "vera": Vera, "oft": Oft, "ln_tuning": LnTuning,
 }
-
-
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _changed(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
-    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
 
 
 @pytest.fixture
@@ -143,9 +135,9 @@ def test_multitask_prompt_feeds_the_task_id(run_of) -> None:
 def test_multitask_prompt_trains_through_the_module(tiny_cfg, tmp_path: Path) -> None:
     run = build(tiny_cfg("method=multitask_prompt", "method.num_tasks=2", "method.task_id=1", steps=2))
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
-    before = _snapshot(run.model)
+    before = snapshot(run.model)
     result = fit(run, tmp_path)  # training and validation batches both need the task_ids
-    assert _changed(run.model, before) == trainable
+    assert changed_parameters(run.model, before) == trainable
     assert {n.rsplit(".", 1)[-1] for n in trainable} >= {"prefix_task_cols", "prefix_task_rows"}
     assert result["val_loss"] is not None and torch.isfinite(torch.tensor(result["val_loss"]))
 
@@ -163,10 +155,10 @@ def test_trains_through_fit_on_its_quantized_base(tiny_cfg, tmp_path: Path, meth
     run = build(tiny_cfg(f"method={method}", f"quantization={_quantized_base_of(method)}", steps=3))
     assert run.model.get_base_model().is_quantized
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
-    before = _snapshot(run.model)
+    before = snapshot(run.model)
     result = fit(run, tmp_path)
     assert all(torch.isfinite(torch.tensor(result["train_losses"])))
-    assert _changed(run.model, before) == trainable  # every trained tensor moved, nothing frozen did
+    assert changed_parameters(run.model, before) == trainable  # every trained tensor moved, nothing frozen did
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])

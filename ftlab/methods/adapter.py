@@ -110,8 +110,8 @@ class Adapter(BaseMethod):
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
         model = self.apply(base)
         state = load_file(str(directory / WEIGHTS_FILE))
-        missing = set(_adapter_state(model)) - set(state)
-        unexpected = set(state) - set(_adapter_state(model))
+        expected = set(_adapter_state(model))
+        missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
             raise ConfigError(
                 f"{directory / WEIGHTS_FILE} does not match method.reduction_factor/where of this config: "
