@@ -7,11 +7,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from ftlab.data.packing import real_tokens
+
 
 class TokenThroughput(pl.Callback):
     """Logs ``train/tokens_per_s``: real (non-padding) tokens processed per second of training.
 
-    Counts ``attention_mask`` ones, so padding does not inflate the number, and times only the
+    Counts real tokens (``attention_mask`` ones, or the packed examples), so padding does not inflate the number, and times only the
     training batches (validation and start-up are excluded).
     """
 
@@ -31,6 +33,5 @@ class TokenThroughput(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.seconds += time.perf_counter() - self._start
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        self.tokens += int(mask.sum()) * trainer.world_size if mask is not None else 0
+        self.tokens += real_tokens(batch) * trainer.world_size if isinstance(batch, dict) else 0
         pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, prog_bar=True, rank_zero_only=True)

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "train": "train with Hydra overrides (the default when no subcommand is given)",
     "methods": "list installed methods and presets; --sizes [OVERRIDES] measures each on a model",
     "compare": "compare finished runs: ftlab compare SWEEP_DIR [SWEEP_DIR ...] [--out DIR]",
+    "eval": "evaluate a finished run again: ftlab eval RUN_DIR [OVERRIDES, e.g. data.path=other.jsonl]",
 }
 SWEEP_ROOT = Path("outputs/multirun")  # where hydra/default.yaml puts sweeps
 
@@ -52,6 +53,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if args[:1] == ["compare"]:
         compare(args[1:])
+        return
+    if args[:1] == ["eval"]:
+        evaluate(args[1:])
         return
     if args[:1] == ["train"]:
         args = args[1:]
@@ -132,6 +136,23 @@ def compare(args: Sequence[str]) -> None:
     except FileNotFoundError as exc:
         raise SystemExit(f"ftlab: error: {exc}") from None
     Console().print(Markdown(table))
+
+
+def evaluate(args: Sequence[str]) -> None:
+    """``ftlab eval RUN_DIR [OVERRIDES]``: validation loss and scores of a finished run's model."""
+    import argparse
+
+    from ftlab.evaluate import evaluate_run, summary_lines
+
+    parser = argparse.ArgumentParser(prog="ftlab eval", description=SUBCOMMANDS["eval"])
+    parser.add_argument("run_dir", type=Path, help="a run folder (outputs/runs/... or a sweep job's folder)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=test.jsonl eval.num_prompts=200")
+    ns = parser.parse_args(list(args))
+    try:
+        result = evaluate_run(ns.run_dir, ns.overrides)
+    except FtlabError as exc:
+        raise SystemExit(f"ftlab: error: {exc}") from None
+    print("\n".join(summary_lines(result)))
 
 
 if __name__ == "__main__":

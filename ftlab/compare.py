@@ -17,13 +17,20 @@ from ftlab.results import METRICS_FILE
 
 IGNORED_KEYS = ("seed", "resume", "hydra.")  # never define a group: seeds are what we average over
 COLUMNS = [
-    "job", "method", "model", "seed", "status", "val_loss", "train_loss_first", "train_loss_last",
+    "job", "method", "model", "seed", "status", "val_loss", "base_exact_match", "exact_match", "accuracy",
+    "precision", "recall", "f1", "train_loss_first", "train_loss_last",
     "trainable_params", "total_params", "artifact_mb", "peak_rss_mb", "tokens_per_s", "wall_s", "steps",
     "train_tokens", "overrides", "error", "run_dir",
 ]
 # (column, label, format) of the aggregated table
 SUMMARY = [
     ("val_loss", "val loss", "{:.4f}"),
+    ("base_exact_match", "base exact match", "{:.3f}"),
+    ("exact_match", "exact match", "{:.3f}"),
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("precision", "macro precision", "{:.3f}"),
+    ("recall", "macro recall", "{:.3f}"),
+    ("f1", "macro F1", "{:.3f}"),
     ("trainable_params", "trainable params", "{:,.0f}"),
     ("artifact_mb", "saved MB", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:,.0f}"),
@@ -89,21 +96,26 @@ def budget(rows: Sequence[dict[str, Any]]) -> str:
     return text
 
 
+OPTIONAL = {"base_exact_match", "exact_match", "accuracy", "precision", "recall", "f1"}  # shown when measured
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     groups = group_runs(rows)
+    summary = [c for c in SUMMARY if c[0] not in OPTIONAL or any(g.values(c[0]) for g in groups)]
+    higher = [label for key, label, _ in summary if key in OPTIONAL]
     statuses = ["completed", "failed"] + (["pruned"] if any(r.get("status") == "pruned" for r in rows) else [])
     seeds = sorted({r.get("seed") for r in rows}, key=str)
     lines = [
         f"# Comparison of {len(rows)} runs",
         "",
         f"Budget: {budget(rows)}. Seeds: {', '.join(map(str, seeds))}. Cells: mean ± std over completed runs.",
-        "Lower val loss is better.",
+        "Lower val loss is better." + (f" Higher {', '.join(higher)} is better." if higher else ""),
         "",
-        "| run | " + " | ".join(statuses + [label for _, label, _ in SUMMARY]) + " |",
-        "|---|" + "---|" * (len(statuses) + len(SUMMARY)),
+        "| run | " + " | ".join(statuses + [label for _, label, _ in summary]) + " |",
+        "|---|" + "---|" * (len(statuses) + len(summary)),
     ]
     for g in groups:
-        cells = [g.cell(key, fmt) for key, _, fmt in SUMMARY]
+        cells = [g.cell(key, fmt) for key, _, fmt in summary]
         lines.append(f"| {g.label} | " + " | ".join([str(g.count(s)) for s in statuses] + cells) + " |")
     failed = [r for r in rows if r.get("status") == "failed"]
     if failed:

@@ -54,4 +54,13 @@ def validate(cfg: DictConfig) -> "MethodInfo":
             f"method '{info.name}' cannot train on a quantization={quant} base; "
             f"it accepts quantization={accepted}{hint}"
         )
+    if cfg.get("eval") is not None and cfg.eval.generate:
+        from ftlab.checkers import get_checker
+
+        get_checker(str(cfg.eval.checker))  # a misspelt checker fails before any model loads
+    task = str(cfg.task.name) if cfg.get("task") else "causal_lm"
+    if task not in info.cls.tasks:
+        raise ConfigError(
+            f"method '{info.name}' cannot train task={task}; it trains task={' | '.join(info.cls.tasks)}"
+        )
     return info

@@ -20,6 +20,7 @@ from torch import nn
 from ftlab.errors import MethodError
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+TASKS = ("causal_lm", "classification")
 
 
 @dataclass
@@ -65,6 +66,10 @@ class BaseMethod:
             the contract checks that every base weight stays frozen and unchanged.
         cannot_merge: why the trained model cannot be folded into plain base weights (prompt
             tuning adds virtual tokens, bottleneck adapters a non-linearity); empty if it can.
+        no_packing: why the method's model cannot take packed batches (several examples in one
+            sequence, told apart by position ids, with no attention mask); empty if it can.
+        tasks: the ``task=`` choices the method can train: ``causal_lm`` (next-token prediction)
+            and ``classification`` (a sequence-classification head the method must train too).
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -73,6 +78,12 @@ class BaseMethod:
     artifact: ClassVar[str] = "model"  # run-folder name of what ``save`` writes
     trains_base: ClassVar[bool] = False
     cannot_merge: ClassVar[str] = ""
+    tasks: ClassVar[tuple[str, ...]] = TASKS
+    no_packing: ClassVar[str] = ""
+
+    @property
+    def packing(self) -> bool:
+        return not self.no_packing
 
     def __init__(self, config: Any) -> None:
         self.config = config

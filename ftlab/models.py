@@ -15,6 +15,7 @@ file lock, so DDP ranks and parallel sweep jobs never build twice or read a half
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -23,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -269,25 +270,41 @@ def checkpoint_path(model_cfg: Any, cache_dir: str | Path) -> str | Path:
 
 
 def load_model(
-    model_cfg: Any, quant_cfg: Any, cache_dir: str | Path
+    model_cfg: Any, quant_cfg: Any, cache_dir: str | Path, labels: Sequence[str] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Build or fetch the checkpoint the config names, then load it (quantized if asked) with its
-    tokenizer. ``cache_dir`` holds converted/materialized checkpoints and is shared between runs."""
-    from transformers import AutoModelForCausalLM
+    tokenizer. ``cache_dir`` holds converted/materialized checkpoints and is shared between runs.
+
+    With ``labels`` the model is the checkpoint's sequence-classification variant: the same
+    pretrained body with a new, randomly initialised ``score`` head of one output per label,
+    reading the last non-padding token (so the config must know the pad id)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = checkpoint_path(model_cfg, cache_dir)
     trust = bool(cfg_get(model_cfg, "trust_remote_code", False))
+    tokenizer = load_tokenizer(path, trust_remote_code=trust)
     quantization = bnb_config(quant_cfg)
     if quantization is not None and quantization.load_in_4bit:
         _warn_slow_cpu_compute(quantization.bnb_4bit_compute_dtype)
+    head: dict[str, Any] = {}
+    if labels is not None:
+        head = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)},
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    auto = AutoModelForSequenceClassification if labels is not None else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path),
-            dtype=to_dtype(cfg_get(model_cfg, "dtype", "float32")),
-            quantization_config=quantization,
-            device_map=_device_map(quantization is not None),
-            trust_remote_code=trust,
-        )
+        with _quiet_new_head(labels is not None):
+            model = auto.from_pretrained(
+                str(path),
+                dtype=to_dtype(cfg_get(model_cfg, "dtype", "float32")),
+                quantization_config=quantization,
+                device_map=_device_map(quantization is not None),
+                trust_remote_code=trust,
+                **head,
+            )
     except Exception as err:
         if quantization is not None and not torch.cuda.is_available():
             raise ModelLoadError(
@@ -296,7 +313,6 @@ def load_model(
                 f"quantization=none or a GPU): {type(err).__name__}: {err}"
             ) from err
         raise
-    tokenizer = load_tokenizer(path, trust_remote_code=trust)
     if bool(cfg_get(model_cfg, "gradient_checkpointing", False)):
         # non-reentrant checkpointing works with frozen (quantized) inputs and needs no
         # enable_input_require_grads hack for adapters
@@ -307,6 +323,24 @@ def load_model(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_new_head(active: bool) -> Iterator[None]:
+    """transformers warns that the classification head is newly initialised: that is the point
+    of adding one, so the warning is replaced by one info line."""
+    if not active:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+    log.info("added a new sequence-classification head (score), randomly initialised")
 
 
 def _warn_slow_cpu_compute(dtype: torch.dtype) -> None:

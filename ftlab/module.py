@@ -6,12 +6,13 @@ Methods differ only in what they do to the model (``apply``) and in the hooks of
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ftlab.classification import ClassificationMetrics
 from ftlab.method import BaseMethod
 
 
@@ -22,6 +23,7 @@ class FineTuneModule(pl.LightningModule):
         method: BaseMethod,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Optional[Callable[..., Any]] = None,
+        labels: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained leaves eval mode: dropout would stay off
@@ -29,6 +31,9 @@ class FineTuneModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.train_losses: list[float] = []  # one per training batch, for metrics.json
+        # classification: accuracy/precision/recall/F1 of the last validation, for metrics.json
+        self.metrics = ClassificationMetrics(labels) if labels is not None else None
+        self.classification_metrics: dict[str, Any] = {}
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
@@ -42,9 +47,25 @@ class FineTuneModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.method.loss(self.model, batch)
+        if self.metrics is None:
+            loss = self.method.loss(self.model, batch)
+        else:  # one forward gives the loss and the logits the metrics need
+            outputs = self.model(**self.method.model_inputs(batch))
+            loss = outputs.loss
+            self.metrics.update(outputs.logits.detach(), batch["labels"])
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self.metrics is None:
+            return
+        metrics = self.metrics.compute()  # over the whole validation set (all ranks)
+        self.metrics.reset()
+        self.classification_metrics = metrics
+        for name in ("accuracy", "precision", "recall", "f1"):
+            self.log(f"val/{name}", metrics[name], prog_bar=name in ("accuracy", "f1"), rank_zero_only=True)
+        for label, values in metrics["per_class"].items():
+            self.log(f"val/f1/{label}", values["f1"], rank_zero_only=True)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

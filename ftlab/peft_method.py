@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import peft
 from torch import nn
 
+from ftlab.classification import is_classifier
 from ftlab.method import BaseMethod
 
 
@@ -42,7 +43,11 @@ class PeftMethod(BaseMethod):
             # casts norms to fp32 and makes the input embeddings require grad for checkpointing
             checkpointing = bool(getattr(model, "is_activation_checkpointing", False))
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-        return peft.get_peft_model(model, self.peft_config(model))
+        config = self.peft_config(model)
+        if is_classifier(model):
+            # PEFT then wraps it as a sequence classifier and trains and saves the new head (score)
+            config.task_type = peft.TaskType.SEQ_CLS
+        return peft.get_peft_model(model, config)
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
         return peft.PeftModel.from_pretrained(base, directory)

@@ -86,14 +86,18 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_metrics(directory: Path, metrics: dict[str, Any]) -> Path:
-    """Write ``metrics.json`` atomically: a crash mid-write never leaves a half file behind."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / METRICS_FILE
+def write_json(path: Path, obj: dict[str, Any]) -> Path:
+    """Write a JSON record atomically: a crash mid-write never leaves a half file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_metrics(directory: Path, metrics: dict[str, Any]) -> Path:
+    """Write the run record ``metrics.json`` (atomically)."""
+    return write_json(Path(directory) / METRICS_FILE, metrics)
 
 
 def read_metrics(directory: Path) -> dict[str, Any]:

@@ -69,7 +69,7 @@ class ContractRun:
 def contract_run(method: str, overrides: Sequence[str] = (), cache_dir: str | Path | None = None,
                  output_dir: str | Path | None = None) -> ContractRun:
     """Compose ``model=tiny method=<method>`` (plus ``overrides``), load the base, apply the method."""
-    from ftlab.data.datamodule import ChatDataModule
+    from ftlab.data.datamodule import FineTuneDataModule
     from ftlab.train import load_base
 
     settings = ["model=tiny", f"method={method}", "logger=none", "callbacks=none", "data.num_train=16",
@@ -82,7 +82,7 @@ def contract_run(method: str, overrides: Sequence[str] = (), cache_dir: str | Pa
     applied, base, tokenizer = load_base(cfg)
     base_ids = {id(p) for p in base.parameters()}
     model = applied.apply(base)
-    data = ChatDataModule(cfg.data)
+    data = FineTuneDataModule(cfg.data)
     data.connect(tokenizer, max_length=getattr(model.config, "max_position_embeddings", None))
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))

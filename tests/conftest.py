@@ -17,6 +17,28 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ftlab-cache")
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(cache_dir: Path) -> Path:
+    """The tiny random Llama written once as a checkpoint folder (weights and tokenizer)."""
+    from omegaconf import OmegaConf
+
+    from ftlab import models
+
+    return models.tiny_checkpoint(OmegaConf.create({"name": "tiny", "kind": "tiny", **models.TINY_DEFAULTS}), cache_dir)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops run fastest on one thread; two OpenMP threads on a busy machine spin-wait.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
     """Compose a short run on model=tiny whose outputs go to tmp_path."""
@@ -33,6 +55,8 @@ def tiny_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
             "data.num_train=64",
             "data.num_val=16",
             "data.batch_size=4",
+            "eval.num_prompts=8",
+            "eval.num_samples=2",
             f"paths.output_dir={tmp_path / 'run'}",
             f"paths.cache_dir={cache_dir}",
         )

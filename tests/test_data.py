@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ftlab.data import synthetic
 from ftlab.data.chat import IGNORE_INDEX, encode_chat, encode_prompt, num_label_tokens
-from ftlab.data.datamodule import ChatDataModule, DataConfig, PadCollator, split_records
+from ftlab.data.datamodule import FineTuneDataModule, DataConfig, PadCollator, split_records
 from ftlab.data.sources import DataError, load_jsonl, write_jsonl
 from ftlab.data.synthetic import TASKS, default_splits, exact_match, generate
 
@@ -316,9 +316,9 @@ def test_collator_right_pads() -> None:
     assert all(t.dtype == torch.long for t in batch.values())
 
 
-def _module(tokenizer, **overrides) -> ChatDataModule:
+def _module(tokenizer, **overrides) -> FineTuneDataModule:
     cfg = {"num_train": 40, "num_val": 10, "batch_size": 4, "eval_batch_size": 5, "seed": 3, **overrides}
-    dm = ChatDataModule(cfg)
+    dm = FineTuneDataModule(cfg)
     dm.connect(tokenizer)
     dm.setup("fit")
     return dm
@@ -336,7 +336,7 @@ def test_datamodule_pads_with_eos_when_no_pad_token(tokenizer) -> None:
     assert len(dm.val_records) == 10 and dm.val_records[0]["messages"][-1]["role"] == "assistant"
 
 
-def _order(dm: ChatDataModule, tokenizer) -> list[int]:
+def _order(dm: FineTuneDataModule, tokenizer) -> list[int]:
     """The record numbers (the user prompt is "N N") in the order the train loader yields them."""
     texts = [tokenizer.decode(row) for b in dm.train_dataloader() for row in b["input_ids"].tolist()]
     return [int(re.search(r"user\n(\d+) ", t).group(1)) for t in texts]
@@ -360,7 +360,7 @@ def test_datamodule_drops_fully_truncated_examples(tokenizer, caplog) -> None:
     prompt_lens = [len(encode_prompt(tokenizer, r["messages"])) for r in records]
     max_length = sorted(prompt_lens)[5]
     expected = sum(1 for n in prompt_lens if n < max_length)
-    dm = ChatDataModule({"num_train": 10, "num_val": 0, "max_length": 512, "seed": 0})
+    dm = FineTuneDataModule({"num_train": 10, "num_val": 0, "max_length": 512, "seed": 0})
     with caplog.at_level(logging.WARNING, logger="ftlab.data.datamodule"):
         dm.connect(tokenizer, max_length=max_length)  # the model's context caps cfg.max_length
         dm.setup()
@@ -380,7 +380,7 @@ def test_datamodule_jsonl_split_and_config_checks(tokenizer, tmp_path: Path) -> 
     assert dm.val_records == _module(tokenizer, path=str(path), val_ratio=0.25).val_records
     assert split_records(list(range(10)), 0.0, seed=0) == (list(range(10)), [])
     with pytest.raises(ValueError, match="unknown data config field"):
-        ChatDataModule({"batchsize": 4})
+        FineTuneDataModule({"batchsize": 4})
     assert DataConfig.from_any(None) == DataConfig()
 
 
@@ -390,7 +390,7 @@ def test_datamodule_accepts_dictconfig(tokenizer) -> None:
     root = OmegaConf.create(
         {"seed": 1, "data": {"name": "synthetic", "path": None, "num_train": 8, "num_val": 4, "seed": "${seed}"}}
     )
-    dm = ChatDataModule(root.data)
+    dm = FineTuneDataModule(root.data)
     assert dm.cfg.seed == 1 and dm.cfg.num_train == 8 and dm.cfg.batch_size == 8
     assert len(dm.train_records) == 8 and len(dm.val_records) == 4
 

@@ -1,110 +1,70 @@
-"""Lightning data module: records -> encoded examples -> padded, reproducibly shuffled batches.
+"""Lightning data module: prepared examples -> token ids (cached) -> padded or packed batches.
 
-The module is built from the ``data`` config before the model exists; the training code calls
-``connect(tokenizer)`` once the model (and so the tokenizer and its context length) is loaded,
-LitGPT style, and Lightning then calls ``setup()`` and the dataloader hooks.
+The module is built from the ``data`` config before the model exists; loading and preparing
+the examples needs no tokenizer (so a classification run learns its label set before the model
+and its head are built). The training code then calls ``connect(tokenizer, ...)`` once the model
+is loaded, LitGPT style, and Lightning calls ``setup()`` and the dataloader hooks.
+
+Encoding runs once per distinct (prepared data, tokenizer and template, max_length, labels):
+the token ids are cached under ``cache_dir/tokenized`` and a second run reads them back.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import random
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ftlab.data.chat import IGNORE_INDEX, encode_chat, num_label_tokens
-from ftlab.data.sources import DataError, load_jsonl
-from ftlab.data.synthetic import default_splits
+from ftlab.data.cache import cached_examples, fingerprint, tokenizer_fingerprint
+from ftlab.data.chat import IGNORE_INDEX
+from ftlab.data.config import DataConfig
+from ftlab.data.encode import encode_example, example_kind, label_names
+from ftlab.data.loading import Splits, load_splits, split_records
+from ftlab.data.packing import PackedCollator, PackingStats, pack
+from ftlab.data.prepare import PrepReport
+from ftlab.data.sources import DataError
 
-__all__ = ["DataConfig", "ChatDataModule", "EncodedDataset", "PadCollator", "split_records"]
+__all__ = ["DataConfig", "FineTuneDataModule", "EncodedDataset", "PadCollator", "pad_id_of", "split_records"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class DataConfig:
-    """The ``data`` config node; ``path: null`` selects the built-in synthetic data."""
-
-    name: str = "synthetic"
-    path: str | None = None  # JSONL with training records; null = ftlab.data.synthetic
-    val_path: str | None = None  # JSONL with validation records; null = split from ``path``
-    val_ratio: float = 0.1  # share of ``path`` held out for validation when val_path is null
-    num_train: int = 2000  # synthetic data only
-    num_val: int = 200  # synthetic data only
-    max_length: int = 256  # tokens per example (capped by the model's context in connect())
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    num_workers: int = 0
-    seed: int = 0  # synthetic data, the val_ratio split and the training shuffle order
-
-    @classmethod
-    def from_any(cls, cfg: Any) -> "DataConfig":
-        """Build from a DictConfig, dict or DataConfig; unknown keys are an error (typos)."""
-        if isinstance(cfg, cls):
-            return cfg
-        if cfg is None:
-            return cls()
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):  # resolve interpolations such as ``seed: ${seed}``
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        if not isinstance(cfg, Mapping):
-            raise TypeError(f"data config must be a mapping, got {type(cfg).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(cfg).items() if not str(k).startswith("_")}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown data config field(s) {unknown}; known: {sorted(known)}")
-        config = cls(**values)
-        if not 0.0 <= config.val_ratio < 1.0:
-            raise ValueError(f"data.val_ratio must be in [0, 1), got {config.val_ratio}")
-        return config
-
-
-def split_records(records: Sequence[dict], val_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded random train/validation split (at least one of each when both are requested)."""
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_val = round(len(records) * val_ratio)
-    if val_ratio > 0 and len(records) > 1:
-        n_val = min(max(n_val, 1), len(records) - 1)
-    val_idx = set(order[:n_val])
-    train = [r for i, r in enumerate(records) if i not in val_idx]
-    val = [r for i, r in enumerate(records) if i in val_idx]
-    return train, val
+MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+UNTRUNCATED = 1 << 30  # encode whole, measure, then filter by length and truncate
 
 
 class EncodedDataset(Dataset):
-    """A list of encoded examples (dicts of token-id lists)."""
+    """A list of encoded examples (dicts of token-id lists, and an int label for classification)."""
 
-    def __init__(self, examples: list[dict[str, list[int]]]) -> None:
+    def __init__(self, examples: list[dict[str, Any]]) -> None:
         self.examples = examples
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         return self.examples[index]
 
 
 class PadCollator:
-    """Right-pad a batch: ``pad_id`` in input_ids, 0 in attention_mask, -100 in labels."""
+    """Right-pad a batch: ``pad_id`` in input_ids, 0 in attention_mask, -100 in token labels;
+    an int label per example (classification) becomes a vector."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(ex["input_ids"]) for ex in batch)
         fill = {"input_ids": self.pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-        return {
-            key: torch.tensor([ex[key] + [value] * (width - len(ex[key])) for ex in batch], dtype=torch.long)
-            for key, value in fill.items()
-        }
+        out = {}
+        for key, value in fill.items():
+            if key == "labels" and not isinstance(batch[0]["labels"], list):
+                out[key] = torch.tensor([ex["labels"] for ex in batch], dtype=torch.long)
+            else:
+                out[key] = torch.tensor([ex[key] + [value] * (width - len(ex[key])) for ex in batch], dtype=torch.long)
+        return out
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -116,77 +76,181 @@ def pad_id_of(tokenizer: Any) -> int:
     raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
 
 
-class ChatDataModule(pl.LightningDataModule):
-    """Chat records from JSONL (or the synthetic default), encoded with the model's chat template."""
+def _truncate(example: dict[str, Any], max_length: int) -> dict[str, Any]:
+    out = {k: (v[:max_length] if isinstance(v, list) else v) for k, v in example.items() if k in MODEL_KEYS}
+    return out
+
+
+def _trained_tokens(example: dict[str, Any]) -> int:
+    """Targets the loss sees: after the causal shift the first token is never one."""
+    labels = example["labels"]
+    return 1 if not isinstance(labels, list) else sum(1 for x in labels[1:] if x != IGNORE_INDEX)
+
+
+class FineTuneDataModule(pl.LightningDataModule):
+    """Training and validation data of a run, from files, a mix of them, or the built-in sets."""
 
     def __init__(self, cfg: Any = None) -> None:
         super().__init__()
         self.cfg = DataConfig.from_any(cfg)
         self.tokenizer: Any = None
         self.max_length = self.cfg.max_length
-        self._records: tuple[list[dict], list[dict]] | None = None
+        self.cache_dir: Any = None
+        self.packing = self.cfg.packing
+        self._splits: Splits | None = None
         self.train_dataset: EncodedDataset | None = None
         self.val_dataset: EncodedDataset | None = None
         self.collator: PadCollator | None = None
+        self.train_collator: Any = None
+        self.packing_stats: PackingStats | None = None
+        self.cache_hits: dict[str, bool] = {}
+        self.length_reports: list[PrepReport] = []
 
-    def connect(self, tokenizer: Any, max_length: int | None = None) -> None:
-        """Attach the tokenizer; ``max_length`` (the model's context) caps ``cfg.max_length``."""
-        self.tokenizer = tokenizer
-        self.max_length = self.cfg.max_length if max_length is None else min(self.cfg.max_length, max_length)
-        self.collator = PadCollator(pad_id_of(tokenizer))
-        self.train_dataset = self.val_dataset = None  # re-encode with the new tokenizer
-
-    def _load(self) -> tuple[list[dict], list[dict]]:
-        if self._records is None:
-            c = self.cfg
-            if c.path is None:
-                self._records = default_splits(c.num_train, c.num_val, c.seed)
-            elif c.val_path is not None:
-                self._records = load_jsonl(c.path), load_jsonl(c.val_path)
-            else:
-                self._records = split_records(load_jsonl(c.path), c.val_ratio, c.seed)
-        return self._records
+    # -- examples (no tokenizer needed) ------------------------------------------------------------
+    @property
+    def splits(self) -> Splits:
+        if self._splits is None:
+            self._splits = load_splits(self.cfg)
+            if not self._splits.train:
+                raise DataError(f"data '{self.cfg.name}': no training example left after preparation")
+        return self._splits
 
     @property
     def train_records(self) -> list[dict]:
-        """Raw training records (normalized ``{"messages": [...]}``); needs no tokenizer."""
-        return self._load()[0]
+        """Prepared training examples (canonical form, see ``ftlab.data.formats``)."""
+        return self.splits.train
 
     @property
     def val_records(self) -> list[dict]:
-        """Raw validation records, for generation-based evaluation; needs no tokenizer."""
-        return self._load()[1]
+        """Prepared validation examples, also the held-out prompts of generation evaluation."""
+        return self.splits.val
 
-    def _encode(self, records: list[dict], split: str) -> EncodedDataset:
-        examples = [encode_chat(self.tokenizer, r["messages"], self.max_length) for r in records]
-        kept = [ex for ex in examples if num_label_tokens(ex) > 0]
-        if len(kept) < len(examples):
-            log.warning(
-                "%s: dropped %d of %d %s examples with no assistant tokens left after truncation"
-                " to max_length=%d",
-                self.cfg.name, len(examples) - len(kept), len(examples), split, self.max_length,
-            )
-        if records and not kept:
+    @property
+    def kind(self) -> str:
+        """``chat``, ``text`` or ``classification``: what the training examples hold."""
+        return example_kind(self.train_records[0])
+
+    @property
+    def labels(self) -> list[str]:
+        """The class names of a classification dataset (``data.labels``, else sorted training labels)."""
+        if self.kind != "classification":
             raise DataError(
-                f"{self.cfg.name}: every {split} example lost its assistant tokens to truncation;"
-                f" raise data.max_length (now {self.max_length})"
+                f"data '{self.cfg.name}' has no labels (its examples are {self.kind}); task=classification"
+                " needs text/label rows (data.format=classification)"
             )
+        return label_names(self.train_records, self.cfg.labels)
+
+    # -- tokens ------------------------------------------------------------------------------------
+    def connect(self, tokenizer: Any, max_length: int | None = None, cache_dir: Any = None, packing: bool | None = None) -> None:
+        """Attach the tokenizer; ``max_length`` (the model's context) caps ``cfg.max_length``;
+        ``cache_dir`` enables the tokenized-data cache; ``packing`` can switch packing off for
+        methods that cannot take packed batches."""
+        self.tokenizer = tokenizer
+        self.max_length = self.cfg.max_length if max_length is None else min(self.cfg.max_length, max_length)
+        self.cache_dir = cache_dir if self.cfg.cache else None
+        self.packing = self.cfg.packing if packing is None else packing
+        self.collator = PadCollator(pad_id_of(tokenizer))
+        self.train_dataset = self.val_dataset = None  # re-encode with the new tokenizer
+
+    def _encoded(self, examples: list[dict], split: str, label_ids: dict[str, int] | None) -> list[dict]:
+        def build() -> list[dict]:
+            out = []
+            for ex in examples:
+                enc = encode_example(self.tokenizer, ex, UNTRUNCATED, label_ids)
+                out.append({**enc, "length": len(enc["input_ids"])})
+            return out
+
+        if self.cache_dir is None:
+            return build()
+        key = {
+            "data": fingerprint([{k: v for k, v in e.items() if not k.startswith("_")} for e in examples]),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "labels": label_ids,
+        }
+        encoded, hit = cached_examples(self.cache_dir, key, build, label=f"{self.cfg.name}-{split}")
+        self.cache_hits[split] = hit
+        return encoded
+
+    def _encode(self, examples: list[dict], split: str, label_ids: dict[str, int] | None) -> EncodedDataset:
+        c = self.cfg
+        encoded = self._encoded(examples, split, label_ids)
+        report = PrepReport(source=f"{c.name} ({split}, tokens)", rows=len(encoded), dropped={}, filled={}, augmented=0, kept=0)
+        kept, no_answer = [], 0
+        for ex in encoded:
+            n = ex["length"]
+            if n < c.min_tokens:
+                reason = f"too short (< {c.min_tokens} tokens)"
+            elif c.max_tokens is not None and n > c.max_tokens:
+                reason = f"too long (> {c.max_tokens} tokens)"
+            else:
+                reason = ""
+                ex = _truncate(ex, self.max_length)
+                if _trained_tokens(ex) == 0:
+                    no_answer += 1
+                    reason = f"no answer tokens left after truncation to max_length={self.max_length}"
+            if reason:
+                report.dropped[reason] = report.dropped.get(reason, 0) + 1
+            else:
+                kept.append(ex)
+        report.kept = len(kept)
+        self.length_reports.append(report)
+        if report.dropped:
+            log.warning("%s: dropped %d of %d %s examples: %s", c.name, len(encoded) - len(kept), len(encoded), split,
+                        ", ".join(f"{n} {why}" for why, n in report.dropped.items()))
+        if encoded and not kept:
+            if no_answer == len(encoded):
+                raise DataError(f"{c.name}: every {split} example lost its assistant tokens to truncation;"
+                                f" raise data.max_length (now {self.max_length})")
+            raise DataError(f"{c.name}: every {split} example was dropped by data.min_tokens/max_tokens ({report.dropped})")
         return EncodedDataset(kept)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load and encode both splits (once; ``connect`` must have been called)."""
+        """Encode both splits (once; ``connect`` must have been called), pack the training split."""
         if self.tokenizer is None:
-            raise RuntimeError("call ChatDataModule.connect(tokenizer) before setup()")
-        if self.train_dataset is None:
-            self.train_dataset = self._encode(self.train_records, "train")
-            self.val_dataset = self._encode(self.val_records, "validation")
-            lengths = [len(ex["input_ids"]) for ex in self.train_dataset.examples]
+            raise RuntimeError("call connect(tokenizer) before setup()")
+        if self.train_dataset is not None:
+            return
+        label_ids = {name: i for i, name in enumerate(self.labels)} if self.kind == "classification" else None
+        self.length_reports = []
+        self.train_dataset = self._encode(self.train_records, "train", label_ids)
+        self.val_dataset = self._encode(self.val_records, "validation", label_ids)
+        lengths = [len(ex["input_ids"]) for ex in self.train_dataset.examples]
+        log.info(
+            "%s: %d train / %d validation examples, train tokens mean %.1f max %d",
+            self.cfg.name, len(self.train_dataset), len(self.val_dataset),
+            sum(lengths) / max(len(lengths), 1), max(lengths, default=0),
+        )
+        self.train_collator = self.collator
+        if self.packing:
+            if self.kind == "classification":
+                raise DataError("data.packing=true does not apply to classification: each example is one sequence with one label")
+            sequences, self.packing_stats = pack(self.train_dataset.examples, self.max_length, self.cfg.batch_size)
+            self.train_dataset = EncodedDataset(sequences)
+            self.train_collator = PackedCollator(pad_id_of(self.tokenizer))
+            s = self.packing_stats
             log.info(
-                "%s: %d train / %d validation examples, train tokens mean %.1f max %d",
-                self.cfg.name, len(self.train_dataset), len(self.val_dataset),
-                sum(lengths) / max(len(lengths), 1), max(lengths, default=0),
+                "packing: %d examples into %d sequences of up to %d tokens; padding %d -> %d tokens (%.0f%% removed)",
+                s.examples, s.sequences, self.max_length, s.padded_tokens_unpacked, s.padded_tokens_packed,
+                100 * s.padding_removed,
             )
 
+    def summary(self) -> dict[str, Any]:
+        """What the data was and what preparation, caching and packing did, for metrics.json."""
+        out = self.splits.summary()
+        out["kind"] = self.kind
+        if self.kind == "classification":
+            out["labels"] = self.labels
+        out["preparation"] += [r.as_dict() for r in self.length_reports]
+        if self.train_dataset is not None:
+            out["train_examples"] = self.packing_stats.examples if self.packing_stats else len(self.train_dataset)
+            out["val_examples"] = len(self.val_dataset or [])
+        if self.cache_hits:
+            out["tokenized_cache_hit"] = self.cache_hits
+        if self.packing_stats is not None:
+            out["packing"] = self.packing_stats.as_dict()
+        return out
+
+    # -- loaders -----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         """Shuffled with a generator seeded by ``cfg.seed``: same seed, same batch order."""
         assert self.train_dataset is not None, "call setup() first"
@@ -195,7 +259,7 @@ class ChatDataModule(pl.LightningDataModule):
             batch_size=self.cfg.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(self.cfg.seed),
-            collate_fn=self.collator,
+            collate_fn=self.train_collator,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
         )

@@ -16,10 +16,8 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-from pathlib import Path
 from typing import Callable, Sequence
 
 __all__ = ["TASKS", "generate", "default_splits", "exact_match", "make_record", "main"]
@@ -209,19 +207,9 @@ def exact_match(prediction: str, answer: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Write ``train.jsonl`` and ``validation.jsonl`` of the default synthetic data to ``--out``."""
-    from ftlab.data.sources import write_jsonl
+    from ftlab.data.sources import write_splits_main
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--num-train", type=int, default=2000)
-    parser.add_argument("--num-val", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    train, val = default_splits(args.num_train, args.num_val, args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out / "train.jsonl", train)
-    write_jsonl(args.out / "validation.jsonl", val)
-    print(f"wrote {len(train)} train and {len(val)} validation records to {args.out}")
+    write_splits_main(argv, main.__doc__, default_splits, num_train=2000, num_val=200)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ class Adapter(BaseMethod):
     quantizations = QUANTIZATIONS  # the base stays frozen; adapters compute in full precision
     artifact = "adapter"
     cannot_merge = "the bottleneck has a non-linearity between its two layers, so it is no linear map to fold into a weight"
+    tasks = ("causal_lm",)  # its saved file holds adapter weights only, not a classification head
 
     def apply(self, model: nn.Module) -> nn.Module:
         c = self.config

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ftlab.classification import is_classifier
 from ftlab.method import BaseMethod, MethodConfig
 
 
@@ -29,7 +30,10 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 class Freeze(BaseMethod):
-    """Freeze everything, then unfreeze the last ``last_n_blocks`` blocks and the named modules."""
+    """Freeze everything, then unfreeze the last ``last_n_blocks`` blocks and the named modules.
+
+    On a classification model the new head always trains, so ``last_n_blocks=0 modules=[]`` is
+    the classic linear probe: a linear classifier on the frozen pretrained features."""
 
     Config = FreezeConfig
     trains_base = True
@@ -49,6 +53,9 @@ class Freeze(BaseMethod):
                 if p.fullmatch(name):
                     module.requires_grad_(True)
                     matched[p.pattern] = True
+        head = getattr(model, "score", None) if is_classifier(model) else None
+        if head is not None:  # a new classification head is random: it always trains
+            head.requires_grad_(True)
         missing = [p for p, hit in matched.items() if not hit]
         if missing:
             raise ValueError(f"method.modules: no module of {type(model).__name__} matches {missing}")

@@ -27,3 +27,4 @@ class PromptLearningMethod(PeftMethod):
         "it learns virtual tokens fed to the model with every input, not a change of the weights; "
         "export it as an adapter and load it with peft.PeftModel.from_pretrained"
     )
+    no_packing = "PEFT prepends its virtual tokens through the attention mask, which packed batches do not have"

@@ -1,0 +1,79 @@
+"""Canonical examples -> token ids, one function per kind of example.
+
+* chat (``{"messages": [...]}``): rendered with the tokenizer's chat template, loss on the
+  assistant's tokens only (``ftlab.data.chat``);
+* text (``{"text": ...}``, continued pre-training): every token is trained on, and an EOS ends
+  each document so the model learns where documents stop;
+* classification (``{"text": ..., "label": ...}``): the text's tokens and the label's index in
+  the label list; the model's sequence-classification head reads the last token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from ftlab.data.chat import _tokenize, encode_chat
+from ftlab.data.sources import DataError
+
+__all__ = ["encode_example", "example_kind", "label_names"]
+
+
+def example_kind(example: Mapping[str, Any]) -> str:
+    """``chat``, ``classification`` or ``text``: what a canonical example holds."""
+    if "messages" in example:
+        return "chat"
+    return "classification" if "label" in example else "text"
+
+
+def encode_text(tokenizer: Any, text: str, max_length: int) -> dict[str, list[int]]:
+    ids = _tokenize(tokenizer, text, offsets=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    ids = ids[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+
+
+def encode_classification(
+    tokenizer: Any, example: Mapping[str, Any], max_length: int, label_ids: Mapping[str, int]
+) -> dict[str, Any]:
+    label = example["label"]
+    if label not in label_ids:
+        where = example.get("_where", "an example")
+        raise DataError(
+            f"{where}: field 'label' is {label!r}, an unknown label (known labels: {', '.join(label_ids)});"
+            " set data.labels to the full list of label names"
+        )
+    ids = _tokenize(tokenizer, example["text"], offsets=False)["input_ids"][:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": label_ids[label]}
+
+
+def encode_example(
+    tokenizer: Any, example: Mapping[str, Any], max_length: int, label_ids: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """Token ids of one canonical example (see the module docstring for each kind)."""
+    kind = example_kind(example)
+    if kind == "chat":
+        return encode_chat(tokenizer, example["messages"], max_length)
+    if kind == "classification":
+        if label_ids is None:
+            raise DataError(
+                f"{example.get('_where', 'an example')}: a labelled (classification) example in a causal-LM run;"
+                " use task=classification, or data.format=text to train on the text alone"
+            )
+        return encode_classification(tokenizer, example, max_length, label_ids)
+    return encode_text(tokenizer, example["text"], max_length)
+
+
+def label_names(examples: Sequence[Mapping[str, Any]], given: Sequence[str] | None = None) -> list[str]:
+    """The classes: ``given`` (``data.labels``) in its order, else the training labels sorted."""
+    if given:
+        names = [str(x) for x in given]
+        if len(set(names)) != len(names):
+            raise DataError(f"data.labels has duplicates: {names}")
+        return names
+    names = sorted({str(e["label"]) for e in examples if "label" in e})
+    if len(names) < 2:
+        raise DataError(
+            f"classification needs at least two labels in the training data, found {names or 'none'}"
+        )
+    return names
