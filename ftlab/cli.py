@@ -1,4 +1,5 @@
-"""Command line: ``ftlab [train] OVERRIDES`` (also ``python -m ftlab``), ``ftlab methods``, ``ftlab compare``.
+"""Command line: ``ftlab [train] OVERRIDES`` (also ``python -m ftlab``), ``ftlab methods``, ``ftlab compare``,
+``ftlab eval``, ``ftlab export``, ``ftlab generate``, ``ftlab chat``.
 
 Training goes through Hydra's own entry point, so every Hydra flag (``-m``, ``--cfg job``,
 ``hydra.run.dir=...``, ``--help``) behaves as Hydra users expect.
@@ -21,6 +22,9 @@ SUBCOMMANDS = {
     "methods": "list installed methods and presets; --sizes [OVERRIDES] measures each on a model",
     "compare": "compare finished runs: ftlab compare SWEEP_DIR [SWEEP_DIR ...] [--out DIR]",
     "eval": "evaluate a finished run again: ftlab eval RUN_DIR [OVERRIDES, e.g. data.path=other.jsonl]",
+    "export": "export a run for plain transformers/peft: ftlab export RUN_DIR --out DIR [--merge] [--dtype D] [--gguf]",
+    "generate": "answer one prompt: ftlab generate RUN_DIR_OR_EXPORT \"PROMPT\" [--max-new-tokens N] [--system TEXT]",
+    "chat": "talk with a run's model or an export: ftlab chat RUN_DIR_OR_EXPORT (/reset, /exit)",
 }
 SWEEP_ROOT = Path("outputs/multirun")  # where hydra/default.yaml puts sweeps
 
@@ -56,6 +60,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if args[:1] == ["eval"]:
         evaluate(args[1:])
+        return
+    if args[:1] == ["export"]:
+        export(args[1:])
+        return
+    if args[:1] in (["generate"], ["chat"]):
+        talk(args[0], args[1:])
         return
     if args[:1] == ["train"]:
         args = args[1:]
@@ -153,6 +163,59 @@ def evaluate(args: Sequence[str]) -> None:
     except FtlabError as exc:
         raise SystemExit(f"ftlab: error: {exc}") from None
     print("\n".join(summary_lines(result)))
+
+
+
+def export(args: Sequence[str]) -> None:
+    """``ftlab export RUN_DIR --out DIR [--merge] [--dtype D] [--force] [--gguf]``."""
+    import argparse
+
+    from ftlab.export import DTYPES, export_run
+
+    parser = argparse.ArgumentParser(prog="ftlab export", description=SUBCOMMANDS["export"])
+    parser.add_argument("run_dir", type=Path, help="a finished run folder")
+    parser.add_argument("--out", type=Path, required=True, help="the export folder (new or empty)")
+    parser.add_argument("--merge", action="store_true",
+                        help="fold the adapter into the base weights and write a full model (QLoRA: into a dequantized base)")
+    parser.add_argument("--dtype", default=None, help=f"dtype of full model weights: {' | '.join(DTYPES)} (default: as merged)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it is not empty")
+    parser.add_argument("--gguf", action="store_true", help="also write model.gguf for llama.cpp (Llama models, with --merge)")
+    ns = parser.parse_args(list(args))
+    try:
+        result = export_run(ns.run_dir, ns.out, merge=ns.merge, dtype=ns.dtype, force=ns.force, gguf=ns.gguf)
+    except FtlabError as exc:
+        raise SystemExit(f"ftlab: error: {exc}") from None
+    what = "PEFT adapter" if result.format == "peft-adapter" else ("merged model" if result.merged else "model")
+    print(f"exported {what} to {result.out} (base: {result.base_model})")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"model card: {result.out / 'README.md'}")
+
+
+def talk(command: str, args: Sequence[str]) -> None:
+    """``ftlab generate PATH PROMPT [...]`` and ``ftlab chat PATH [...]``."""
+    import argparse
+
+    from ftlab.chat import DEFAULT_MAX_NEW_TOKENS, chat_loop, check_settings, generate_once, load_chatbot
+
+    parser = argparse.ArgumentParser(prog=f"ftlab {command}", description=SUBCOMMANDS[command])
+    parser.add_argument("path", type=Path, help="a run folder or an export folder")
+    if command == "generate":
+        parser.add_argument("prompt", help="the user message to answer")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="longest answer in tokens")
+    parser.add_argument("--system", default=None, help="a system message put before the conversation")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) answers greedily; above 0 samples")
+    ns = parser.parse_args(list(args))
+    try:
+        if command == "generate":
+            generate_once(ns.path, ns.prompt, ns.system, ns.max_new_tokens, ns.temperature)
+        else:
+            check_settings(ns.max_new_tokens, ns.temperature)
+            chat_loop(load_chatbot(ns.path), ns.system, ns.max_new_tokens, ns.temperature)
+    except FtlabError as exc:
+        raise SystemExit(f"ftlab: error: {exc}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -14,50 +14,26 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf
-
-from ftlab.errors import ConfigError
-
 __all__ = ["evaluate_run"]
 
 log = logging.getLogger("ftlab")
 EVAL_FILE = "eval.json"
 
 
-def _recorded_overrides(run_dir: Path) -> list[str]:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a run folder of ftlab (no .hydra/overrides.yaml); give the folder a run wrote")
-    return [str(o) for o in OmegaConf.load(path)]
-
-
-def _artifact(run_dir: Path, name: str) -> Path:
-    folder = run_dir / name
-    if not folder.is_dir():
-        raise ConfigError(f"{run_dir}: no saved '{name}' folder (was the run saved? save_model=false skips it)")
-    return folder
-
-
 def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Validation loss and scores of the run's trained model; also written to ``eval.json``."""
     import pytorch_lightning as pl
 
-    from ftlab.config import compose
-    from ftlab.data.datamodule import FineTuneDataModule
     from ftlab.module import FineTuneModule
     from ftlab.results import write_json
-    from ftlab.train import _final_scores, _generation_records, load_base, score_base, task_of
+    from ftlab.run_loading import open_run
+    from ftlab.train import _final_scores, _generation_records, score_base
 
-    run_dir = Path(run_dir)
-    recorded = _recorded_overrides(run_dir)
-    changed = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    kept = [o for o in recorded if o.split("=", 1)[0].lstrip("+~") not in changed]
-    cfg = compose([*kept, *overrides, f"paths.output_dir={run_dir}", "logger=none", "callbacks=none"])
-    datamodule = FineTuneDataModule(cfg.data)
-    labels = datamodule.labels if task_of(cfg) == "classification" else None
-    method, base, tokenizer = load_base(cfg, labels)
+    finished = open_run(run_dir, overrides)
+    run_dir, cfg, datamodule, labels = finished.run_dir, finished.cfg, finished.datamodule, finished.labels
+    method, base, tokenizer = finished.load_base()
     base_score = score_base(cfg, base, tokenizer, datamodule)
-    model = method.load(base, _artifact(run_dir, method.artifact))
+    model = finished.load_trained(method, base)
     context = getattr(model.config, "max_position_embeddings", None)
     datamodule.connect(tokenizer, max_length=context, cache_dir=cfg.paths.cache_dir, packing=False)
     module = FineTuneModule(model, method, optimizer=None, labels=labels)  # type: ignore[arg-type]
