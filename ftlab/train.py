@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -185,7 +186,10 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
     pruning = OptunaPruning(trial) if trial is not None else None
     if pruning is not None:
         callbacks.append(pruning)
-    trainer, final_validation = _trainer(cfg, callbacks, _instantiate_all(cfg.get("logger")))
+    loggers = _instantiate_all(cfg.get("logger"))
+    if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer, final_validation = _trainer(cfg, callbacks, loggers)
     trainer.fit(run.module, datamodule=run.datamodule)
     if final_validation:
         trainer.validate(run.module, datamodule=run.datamodule, verbose=False)

@@ -55,7 +55,7 @@ def tiny_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
             "data.num_train=64",
             "data.num_val=16",
             "data.batch_size=4",
-            "eval.num_prompts=8",
+            "eval.num_prompts=4",
             "eval.num_samples=2",
             f"paths.output_dir={tmp_path / 'run'}",
             f"paths.cache_dir={cache_dir}",

@@ -79,6 +79,7 @@ def test_methods_train_the_head_and_save_it(tiny_cfg, tmp_path: Path, method: st
         assert torch.allclose(loaded(**inputs).logits, expected, atol=1e-5)  # the trained head was saved
 
 
+@pytest.mark.slow
 def test_learned_classifier_beats_chance_and_reloads(tiny_cfg, tmp_path: Path) -> None:
     """A falsifiable end-to-end check: full fine-tuning of the tiny model learns the topics, and
     the saved model gives the same logits when loaded back with plain transformers."""
@@ -115,3 +116,22 @@ def test_classification_needs_labelled_data(tiny_cfg) -> None:
 def test_adapter_refuses_classification(tiny_cfg) -> None:
     with pytest.raises(ConfigError, match="method 'adapter' cannot train task=classification"):
         build(tiny_cfg("task=classification", "method=adapter"))
+
+
+def _classification_methods() -> list[str]:
+    from ftlab.registry import get_registry
+
+    return sorted(name for name, info in get_registry().methods.items() if "classification" in info.cls.tasks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", _classification_methods())
+def test_every_method_that_claims_classification_trains_its_head(tiny_cfg, tmp_path: Path, method: str) -> None:
+    """The claim ``tasks`` makes is checked for every installed method, plugins included."""
+    run = build(tiny_cfg(*CLS, f"method={method}", "trainer.limit_val_batches=1", steps=2))  # the first step has lr 0 (warm-up)
+    head = {n for n, p in run.model.named_parameters() if p.requires_grad and "score" in n}
+    assert head, f"{method}: the classification head does not train"
+    before = snapshot(run.model)
+    result = fit(run, tmp_path)
+    assert head & changed_parameters(run.model, before), f"{method}: one step left the head unchanged"
+    assert result["accuracy"] is not None

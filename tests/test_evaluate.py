@@ -58,6 +58,7 @@ def _ftlab(*args: str, cache: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_ftlab_eval_reevaluates_a_finished_run(tmp_path: Path, cache_dir: Path) -> None:
     run = tmp_path / "run"
     out = _ftlab("method=lora", "trainer.max_steps=3", f"hydra.run.dir={run}", *TINY, cache=cache_dir)
@@ -72,6 +73,7 @@ def test_ftlab_eval_reevaluates_a_finished_run(tmp_path: Path, cache_dir: Path) 
     assert other["data"]["val_examples"] == 4
 
 
+@pytest.mark.slow
 def test_ftlab_eval_classification_and_bad_folder(tmp_path: Path, cache_dir: Path) -> None:
     run = tmp_path / "cls"
     out = _ftlab("task=classification", "method=linear_probe", "trainer.max_steps=3", f"hydra.run.dir={run}",

@@ -23,6 +23,7 @@ class Prefix(PromptLearningMethod):
     """Prefix tuning: trained key/value prefixes in every attention layer."""
 
     Config = PrefixConfig
+    tasks = ("causal_lm",)  # PEFT's sequence classifier feeds prefixes as past key values, which it refuses for Llama
 
     def peft_config(self, model: nn.Module) -> peft.PrefixTuningConfig:
         c = self.config
