@@ -27,7 +27,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
     from ftlab.module import FineTuneModule
     from ftlab.results import write_json
     from ftlab.run_loading import open_run
-    from ftlab.train import _final_scores, _generation_records, score_base
+    from ftlab.train import Run, final_scores, generation_records, score_base
 
     finished = open_run(run_dir, overrides)
     run_dir, cfg, datamodule, labels = finished.run_dir, finished.cfg, finished.datamodule, finished.labels
@@ -41,15 +41,13 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
                          enable_progress_bar=True, enable_model_summary=False)
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
 
-    from ftlab.train import Run
-
     run = Run(cfg, method, model, tokenizer, module, datamodule, 0, 0, base_score)
     result: dict[str, Any] = {
         "run_dir": str(run_dir),
         "overrides": list(overrides),
         "method": cfg.method.name,
         "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
-        **_final_scores(run, _generation_records(cfg, datamodule)),
+        **final_scores(run, generation_records(cfg, datamodule)),
         "data": datamodule.summary(),
     }
     write_json(run_dir / EVAL_FILE, result)

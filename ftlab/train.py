@@ -135,7 +135,7 @@ def build(cfg: DictConfig) -> Run:
     return Run(cfg, method, model, tokenizer, module, datamodule, trainable, total, base_score)
 
 
-def _generation_records(cfg: DictConfig, datamodule: FineTuneDataModule) -> list[dict]:
+def generation_records(cfg: DictConfig, datamodule: FineTuneDataModule) -> list[dict]:
     """The held-out prompts whose answers are checked: the first ``eval.num_prompts`` validation
     chats with a reference answer (none for classification, text data or ``eval.generate=false``)."""
     ev = cfg.get("eval")
@@ -157,7 +157,7 @@ def score_base(cfg: DictConfig, base: nn.Module, tokenizer: PreTrainedTokenizerB
                datamodule: FineTuneDataModule) -> GenerationScore | None:
     """The base model's score on the held-out prompts, computed once per base, data and eval
     settings (a sweep over methods shares it through the cache)."""
-    records = _generation_records(cfg, datamodule)
+    records = generation_records(cfg, datamodule)
     if not records:
         return None
     key = {
@@ -177,7 +177,7 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
     cfg = run.cfg
     throughput = TokenThroughput()  # always on: tokens/s belongs in every run record
     callbacks = [throughput, *_instantiate_all(cfg.get("callbacks"))]
-    records = _generation_records(cfg, run.datamodule)
+    records = generation_records(cfg, run.datamodule)
     if records and int(cfg.eval.num_samples) > 0:
         callbacks.append(GenerationSamples(records, run.tokenizer, num_samples=int(cfg.eval.num_samples),
                                            max_new_tokens=cfg.eval.max_new_tokens, out_file=out / SAMPLES_FILE,
@@ -208,7 +208,7 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
     if pruning is not None:
         result["pruned_at_step"] = pruning.pruned_at_step
     result["data"] = run.datamodule.summary()
-    result.update(_final_scores(run, records))
+    result.update(final_scores(run, records))
     if cfg.save_model and trainer.is_global_zero:
         saved = run.method.save(run.model, out / run.method.artifact)
         run.tokenizer.save_pretrained(saved)
@@ -218,7 +218,7 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
     return result
 
 
-def _final_scores(run: Run, records: list[dict]) -> dict[str, Any]:
+def final_scores(run: Run, records: list[dict]) -> dict[str, Any]:
     """Classification metrics, or exact match of the base and the fine-tuned model."""
     out: dict[str, Any] = {}
     metrics = run.module.classification_metrics
