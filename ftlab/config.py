@@ -40,6 +40,11 @@ def default_method() -> str:
     return "lora"
 
 
+def task_of(cfg: DictConfig) -> str:
+    """The ``task=`` choice (``causal_lm`` for configs composed before the group existed)."""
+    return str(cfg.task.name) if cfg.get("task") else "causal_lm"
+
+
 def validate(cfg: DictConfig) -> "MethodInfo":
     """Checks that need the whole composed config; run before anything heavy is loaded."""
     from ftlab.errors import ConfigError
@@ -58,7 +63,7 @@ def validate(cfg: DictConfig) -> "MethodInfo":
         from ftlab.checkers import get_checker
 
         get_checker(str(cfg.eval.checker))  # a misspelt checker fails before any model loads
-    task = str(cfg.task.name) if cfg.get("task") else "causal_lm"
+    task = task_of(cfg)
     if task not in info.cls.tasks:
         raise ConfigError(
             f"method '{info.name}' cannot train task={task}; it trains task={' | '.join(info.cls.tasks)}"

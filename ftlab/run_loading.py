@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from ftlab.config import task_of
 from ftlab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -65,8 +66,6 @@ class FinishedRun:
 
     @property
     def task(self) -> str:
-        from ftlab.train import task_of
-
         return task_of(self.cfg)
 
     @property

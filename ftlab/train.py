@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ftlab.callbacks import TokenThroughput
 from ftlab.data.cache import fingerprint
-from ftlab.config import validate
+from ftlab.config import task_of, validate
 from ftlab.data.datamodule import FineTuneDataModule
 from ftlab.errors import FtlabError
 from ftlab.generation import GenerationScore, base_score_cached, reference_answer, score_generations
@@ -99,10 +99,6 @@ def build_model(cfg: DictConfig) -> tuple[BaseMethod, nn.Module, PreTrainedToken
     """The base model with the method applied to it."""
     method, base, tokenizer = load_base(cfg)
     return method, method.apply(base), tokenizer
-
-
-def task_of(cfg: DictConfig) -> str:
-    return str(cfg.task.name) if cfg.get("task") else "causal_lm"
 
 
 def build(cfg: DictConfig) -> Run:

@@ -24,7 +24,7 @@ from ftlab.data.config import DataConfig
 from ftlab.data.encode import encode_example, example_kind, label_names
 from ftlab.data.loading import Splits, load_splits, split_records
 from ftlab.data.packing import PackedCollator, PackingStats, pack
-from ftlab.data.prepare import PrepReport
+from ftlab.data.prepare import PrepReport, drop_by_length
 from ftlab.data.sources import DataError
 
 __all__ = ["DataConfig", "FineTuneDataModule", "EncodedDataset", "PadCollator", "pad_id_of", "split_records"]
@@ -77,8 +77,8 @@ def pad_id_of(tokenizer: Any) -> int:
 
 
 def _truncate(example: dict[str, Any], max_length: int) -> dict[str, Any]:
-    out = {k: (v[:max_length] if isinstance(v, list) else v) for k, v in example.items() if k in MODEL_KEYS}
-    return out
+    """The model's keys only, token lists cut to ``max_length``."""
+    return {k: (v[:max_length] if isinstance(v, list) else v) for k, v in example.items() if k in MODEL_KEYS}
 
 
 def _trained_tokens(example: dict[str, Any]) -> int:
@@ -172,36 +172,23 @@ class FineTuneDataModule(pl.LightningDataModule):
         return encoded
 
     def _encode(self, examples: list[dict], split: str, label_ids: dict[str, int] | None) -> EncodedDataset:
+        """Encoded examples within the token-length limits, truncated to ``max_length``; examples
+        that truncation leaves with nothing to train on are dropped (and counted)."""
         c = self.cfg
         encoded = self._encoded(examples, split, label_ids)
-        report = PrepReport(source=f"{c.name} ({split}, tokens)", rows=len(encoded), dropped={}, filled={}, augmented=0, kept=0)
-        kept, no_answer = [], 0
-        for ex in encoded:
-            n = ex["length"]
-            if n < c.min_tokens:
-                reason = f"too short (< {c.min_tokens} tokens)"
-            elif c.max_tokens is not None and n > c.max_tokens:
-                reason = f"too long (> {c.max_tokens} tokens)"
-            else:
-                reason = ""
-                ex = _truncate(ex, self.max_length)
-                if _trained_tokens(ex) == 0:
-                    no_answer += 1
-                    reason = f"no answer tokens left after truncation to max_length={self.max_length}"
-            if reason:
-                report.dropped[reason] = report.dropped.get(reason, 0) + 1
-            else:
-                kept.append(ex)
-        report.kept = len(kept)
+        report = PrepReport(source=f"{c.name} ({split}, tokens)", rows=len(encoded), kept=len(encoded))
+        within = drop_by_length(encoded, [ex["length"] for ex in encoded], c.min_tokens, c.max_tokens, report)
+        truncated = [_truncate(ex, self.max_length) for ex in within]
+        kept = [ex for ex in truncated if _trained_tokens(ex) > 0]
+        if len(kept) < len(truncated):
+            report.drop(f"no answer tokens left after truncation to max_length={self.max_length}", len(truncated) - len(kept))
         self.length_reports.append(report)
         if report.dropped:
             log.warning("%s: dropped %d of %d %s examples: %s", c.name, len(encoded) - len(kept), len(encoded), split,
                         ", ".join(f"{n} {why}" for why, n in report.dropped.items()))
-        if encoded and not kept:
-            if no_answer == len(encoded):
-                raise DataError(f"{c.name}: every {split} example lost its assistant tokens to truncation;"
-                                f" raise data.max_length (now {self.max_length})")
-            raise DataError(f"{c.name}: every {split} example was dropped by data.min_tokens/max_tokens ({report.dropped})")
+        if truncated and not kept:
+            raise DataError(f"{c.name}: every {split} example lost its assistant tokens to truncation;"
+                            f" raise data.max_length (now {self.max_length})")
         return EncodedDataset(kept)
 
     def setup(self, stage: str | None = None) -> None:
