@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ftlab.quant import bnb_config, cfg_get, native_bf16, to_dtype
+from ftlab.quant import bnb_config, cfg_get, keep_standard_4bit_layout, native_bf16, to_dtype
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -313,6 +313,7 @@ def load_model(
                 f"quantization=none or a GPU): {type(err).__name__}: {err}"
             ) from err
         raise
+    keep_standard_4bit_layout(model)  # evaluating must never change how the model trains
     if bool(cfg_get(model_cfg, "gradient_checkpointing", False)):
         # non-reentrant checkpointing works with frozen (quantized) inputs and needs no
         # enable_input_require_grads hack for adapters

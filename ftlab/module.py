@@ -14,6 +14,7 @@ from torch import nn
 
 from ftlab.classification import ClassificationMetrics
 from ftlab.method import BaseMethod
+from ftlab.quant import keep_standard_4bit_layout
 
 
 class FineTuneModule(pl.LightningModule):
@@ -34,6 +35,10 @@ class FineTuneModule(pl.LightningModule):
         # classification: accuracy/precision/recall/F1 of the last validation, for metrics.json
         self.metrics = ClassificationMetrics(labels) if labels is not None else None
         self.classification_metrics: dict[str, Any] = {}
+
+    def on_fit_start(self) -> None:
+        # a model built outside ftlab.models.load_model (a plugin's own) is guarded here too
+        keep_standard_4bit_layout(self.model)
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)

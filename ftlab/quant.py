@@ -128,3 +128,48 @@ def count_quantized_linear(model: nn.Module) -> dict[str, int]:
         elif isinstance(module, nn.Linear):
             counts["linear"] += 1
     return counts
+
+
+# -- bitsandbytes' CPU inference repack ----------------------------------------------------------
+#
+# bitsandbytes (0.49+) repacks a ``Linear4bit`` weight into a CPU-only tiled layout the first time
+# the layer runs in eval mode, without grad, on a CPU with AVX512-BF16 (``Linear4bit.forward``
+# checks ``support_avx512bf16_for_cpu``), and never unpacks it. From then on ``matmul_4bit`` calls
+# ``gemv_4bit``, which has no autograd kernel: backward silently drops the gradient through every
+# frozen 4-bit layer, and the absmax is rounded to bf16. A base score or a validation pass before
+# (or between) training steps would therefore train the adapters on wrong gradients. ftlab turns
+# the repack off on every 4-bit layer it loads, so evaluation and training run through the same
+# standard layout and autograd path on every machine.
+
+REPACK_SWITCH = "support_avx512bf16_for_cpu"  # Linear4bit's per-layer "may repack on CPU" flag
+
+
+def is_cpu_packed(module: nn.Module) -> bool:
+    """Whether bitsandbytes has repacked this 4-bit layer's weight into its CPU inference layout."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def keep_standard_4bit_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking ``model``'s 4-bit weights for CPU inference; returns how
+    many layers were guarded. Raises if a layer was repacked already (its gradients would be lost
+    and the repack is not exactly invertible), or if bitsandbytes no longer has the switch."""
+    import bitsandbytes as bnb
+
+    guarded = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if is_cpu_packed(module):
+            raise RuntimeError(
+                f"4-bit layer '{name}' was repacked by bitsandbytes for CPU inference before training; "
+                "load the model through ftlab.models.load_model, which prevents that"
+            )
+        if not hasattr(module, REPACK_SWITCH):
+            raise RuntimeError(
+                f"bitsandbytes {getattr(bnb, '__version__', '?')}: Linear4bit has no '{REPACK_SWITCH}' any more; "
+                "ftlab cannot keep 4-bit weights in the trainable layout (see docs/methods.md)"
+            )
+        setattr(module, REPACK_SWITCH, False)
+        guarded += 1
+    return guarded
