@@ -68,4 +68,5 @@ def validate(cfg: DictConfig) -> "MethodInfo":
         raise ConfigError(
             f"method '{info.name}' cannot train task={task}; it trains task={' | '.join(info.cls.tasks)}"
         )
+    info.cls.check_config(cfg)
     return info

@@ -88,6 +88,12 @@ class BaseMethod:
     def __init__(self, config: Any) -> None:
         self.config = config
 
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Refuse a composed run this method cannot train, before any model loads: raise a
+        ConfigError naming the setting and what would work. ``quantizations`` and ``tasks`` are
+        checked already; this is for combinations of fields (e.g. DoRA on an int8 base on a CPU)."""
+
     # -- building the model -------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
         """Inject adapters and/or freeze weights; return the model to train."""

@@ -7,7 +7,8 @@ tiny test models and real checkpoints take exactly the same path through ``from_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -173,3 +174,45 @@ def keep_standard_4bit_layout(model: nn.Module) -> int:
         setattr(module, REPACK_SWITCH, False)
         guarded += 1
     return guarded
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, attribute, layer)`` for every bitsandbytes 4-bit or 8-bit linear layer, so a
+    caller can swap a layer for another (PEFT keeps the quantized layer as ``base_layer``)."""
+    import bitsandbytes as bnb
+
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return [
+        (parent, attribute, child)
+        for parent in model.modules()
+        for attribute, child in parent.named_children()
+        if isinstance(child, kinds)
+    ]
+
+
+def dequantized_linear(layer: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """A plain ``nn.Linear`` holding exactly the weights a bitsandbytes layer computes with
+    (dequantized, frozen); the bias is the layer's own parameter, shared, not a copy."""
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+    weight = dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None))
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device=weight.device, dtype=dtype)
+    linear.weight = nn.Parameter(weight.detach().to(dtype).reshape(layer.out_features, layer.in_features).clone(),
+                                 requires_grad=False)
+    linear.bias = layer.bias
+    return linear
+
+
+@contextlib.contextmanager
+def dequantized(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` with every bitsandbytes layer swapped for its ``dequantized_linear``, then put
+    the quantized layers back: the float model a quantized one stands for (the reference for its
+    gradients, and for a merge into dequantized weights). The float weights are read on entry."""
+    layers = quantized_layers(model)
+    for parent, attribute, layer in layers:
+        setattr(parent, attribute, dequantized_linear(layer))
+    try:
+        yield model
+    finally:
+        for parent, attribute, layer in layers:
+            setattr(parent, attribute, layer)

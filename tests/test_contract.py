@@ -1,4 +1,5 @@
-"""ftlab's method contract (ftlab.testing) over every registered method, built-in or installed."""
+"""ftlab's method contract (ftlab.testing) over every registered method and preset, built-in or
+installed."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ from ftlab.testing import MethodContract
 
 REGISTRY = get_registry()
 
-for _name in sorted(REGISTRY.methods):
-    globals()[f"TestContract_{_name}"] = type(f"TestContract_{_name}", (MethodContract,), {"method": _name})
+# What a preset needs to run at all: the linear probe trains a classification head only.
+PRESET_OVERRIDES = {"linear_probe": ("task=classification",)}
+
+for _name in sorted([*REGISTRY.methods, *REGISTRY.presets]):
+    globals()[f"TestContract_{_name}"] = type(
+        f"TestContract_{_name}", (MethodContract,), {"method": _name, "overrides": PRESET_OVERRIDES.get(_name, ())}
+    )
 
 
 def test_no_installed_method_or_preset_is_broken() -> None:
     assert not REGISTRY.broken, "broken plugins: " + "; ".join(f"{n}: {r}" for n, r in REGISTRY.broken.items())
 
 
-def test_at_least_sixteen_methods_are_registered() -> None:
+def test_at_least_sixteen_methods_and_the_shipped_presets_are_registered() -> None:
     assert len(REGISTRY.methods) >= 16, sorted(REGISTRY.methods)
+    assert {"dora", "rslora", "lora_r64", "lora_plus", "linear_probe"} <= set(REGISTRY.presets)

@@ -252,7 +252,11 @@ class FineTuneDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list:
-        """In order; an empty list (Lightning skips validation) when there is no validation data."""
+        """In order; an empty list (Lightning skips validation) when there is no validation data.
+
+        It has a generator of its own because every DataLoader iteration draws a seed from its
+        generator, by default the global one: validating would then shift the dropout masks of
+        every later training step, and evaluating must never change training."""
         assert self.val_dataset is not None, "call setup() first"
         if len(self.val_dataset) == 0:
             return []
@@ -260,6 +264,7 @@ class FineTuneDataModule(pl.LightningDataModule):
             self.val_dataset,
             batch_size=self.cfg.eval_batch_size,
             shuffle=False,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
             collate_fn=self.collator,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import peft
+import torch
 from torch import nn
 
 from ftlab.errors import ConfigError
@@ -40,6 +41,16 @@ class Lora(PeftMethod):
 
     Config = LoraConfig
     quantizations = QUANTIZATIONS
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        # PEFT's DoRA re-reads an int8 weight on every CPU forward and drops its scales on the way
+        # (peft.utils.integrations.dequantize_module_weight): the second training step fails.
+        if cfg.method.get("dora") and cfg.quantization.name == "int8" and not torch.cuda.is_available():
+            raise ConfigError(
+                "method.dora=true cannot train an int8 base on a CPU (PEFT's DoRA loses the int8 scales after "
+                "the first step there); use quantization=nf4, fp4 or none, or a GPU"
+            )
 
     def peft_config(self, model: nn.Module) -> peft.LoraConfig:
         c = self.config
