@@ -46,7 +46,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pytest
 import torch
@@ -198,19 +198,27 @@ def _eval_loss(run: ContractRun) -> float:
     return float(run.method.loss(run.model, run.batch))
 
 
-def check_loss_falls(run: ContractRun) -> None:
-    first = _eval_loss(run)
+def _train_until(run: ContractRun, measure: Callable[[], float], enough: float, every: int,
+                 limit: int) -> tuple[int, float]:
+    """Train on the fixed batch ``every`` steps at a time until ``measure()`` reaches ``enough`` or
+    ``limit`` steps have run; return the steps taken and the last measure."""
     optimizer = _optimizer(run)
-    drop, step = 0.0, 0
-    while step < LOSS_MAX_STEPS:
-        for _ in range(LOSS_ROUND):
+    step, value = 0, 0.0
+    while step < limit and value < enough:
+        for _ in range(every):
             step += 1
             _step(run, optimizer, step)
-        drop = (first - _eval_loss(run)) / abs(first)
-        if drop >= LOSS_MIN_DROP:
-            return
-    pytest.fail(f"{_who(run)}: loss on a fixed batch fell by {100 * drop:.4f}% in {step} steps, "
-                f"less than the {100 * LOSS_MIN_DROP:g}% required", pytrace=False)
+        value = measure()
+    return step, value
+
+
+def check_loss_falls(run: ContractRun) -> None:
+    first = _eval_loss(run)
+    steps, drop = _train_until(run, lambda: (first - _eval_loss(run)) / abs(first), LOSS_MIN_DROP, LOSS_ROUND,
+                               LOSS_MAX_STEPS)
+    if drop < LOSS_MIN_DROP:
+        pytest.fail(f"{_who(run)}: loss on a fixed batch fell by {100 * drop:.4f}% in {steps} steps, "
+                    f"less than the {100 * LOSS_MIN_DROP:g}% required", pytrace=False)
 
 
 @torch.no_grad()
@@ -232,18 +240,16 @@ def train_until_moved(run: ContractRun) -> torch.Tensor:
     dropped what trained would differ by about that much)."""
     if run.initial_logits is None:
         run.initial_logits = _logits(run.model, run.inputs())
-    optimizer = _optimizer(run)
-    effect, step = 0.0, 0
-    while step < EFFECT_MAX_STEPS:
-        for _ in range(EFFECT_ROUND):
-            step += 1
-            _step(run, optimizer, step)
-        logits = _logits(run.model, run.inputs())
-        effect = (logits - run.initial_logits).abs().max().item()
-        if effect >= MIN_EFFECT:
-            return logits
-    pytest.fail(f"{_who(run)}: {step} training steps moved the logits by only {effect:.2e} (at least {MIN_EFFECT:g} "
-                "is needed before save/load or merge can be compared)", pytrace=False)
+    initial = run.initial_logits
+
+    def effect() -> float:
+        return (_logits(run.model, run.inputs()) - initial).abs().max().item()
+
+    steps, moved = _train_until(run, effect, MIN_EFFECT, EFFECT_ROUND, EFFECT_MAX_STEPS)
+    if moved < MIN_EFFECT:
+        pytest.fail(f"{_who(run)}: {steps} training steps moved the logits by only {moved:.2e} (at least "
+                    f"{MIN_EFFECT:g} is needed before save/load or merge can be compared)", pytrace=False)
+    return _logits(run.model, run.inputs())
 
 
 def check_save_load(run: ContractRun, directory: str | Path) -> None:
