@@ -161,6 +161,9 @@ def score_base(cfg: DictConfig, base: nn.Module, tokenizer: PreTrainedTokenizerB
         "quantization": OmegaConf.to_container(cfg.quantization, resolve=True),
         "records": fingerprint([{k: v for k, v in r.items() if not k.startswith("_")} for r in records]),
         "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "num_samples"},
+        # 2: 4-bit bases score in bitsandbytes' standard layout; scores cached while it repacked
+        # them for CPU inference came from a slightly different model
+        "format": 2,
     }
     score, hit = base_score_cached(Path(cfg.paths.cache_dir), key, lambda: _score(cfg, base, tokenizer, records))
     log.info("base model: %s %d/%d (%.1f%%)%s", score.checker, score.correct, score.total, 100 * score.score,

@@ -178,8 +178,9 @@ def test_lycoris_4bit_refusal_is_still_needed(run_of, monkeypatch, method: str) 
 
 
 def test_ia3_merges_from_a_4bit_base(run_of) -> None:
-    """PEFT's IA3 refuses to unload or merge a model flagged 4-bit; the dequantized merge clears it."""
-    run = run_of("ia3", "quantization=nf4")
+    """PEFT's IA3 refuses to unload or merge a model flagged 4-bit; the dequantized merge clears it.
+    (float32 compute: with bf16, where ``auto`` picks it, the 4-bit model itself rounds to bf16.)"""
+    run = run_of("ia3", "quantization=nf4", "quantization.bnb_4bit_compute_dtype=float32")
     with torch.no_grad():
         for vector in (p for p in run.model.parameters() if p.requires_grad):
             vector.mul_(1.5)

@@ -66,6 +66,16 @@ class AdaLora(PeftMethod):
             orth_reg_weight=c.orth_reg_weight,
         )
 
+    def apply(self, model: nn.Module) -> nn.Module:
+        model = super().apply(model)
+        # PEFT's AdaLoRA layers on a 4/8-bit base leave ``ranknum`` trainable: the rank each update
+        # is divided by, fixed at r (and never saved); training it rescales the update behind the
+        # rank budget's back
+        for name, param in model.named_parameters():
+            if ".ranknum." in name:
+                param.requires_grad_(False)
+        return model
+
     def on_step_end(self, model: nn.Module, global_step: int) -> None:
         """Score each singular value by its gradient-weighted importance and mask the least
         important ones; gradients are still there (the module zeroes them before the next step)."""
