@@ -24,10 +24,10 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
     """Validation loss and scores of the run's trained model; also written to ``eval.json``."""
     import pytorch_lightning as pl
 
+    from ftlab.build import final_scores, generation_records, score_base
     from ftlab.module import FineTuneModule
     from ftlab.results import write_json
     from ftlab.run_loading import open_run
-    from ftlab.train import Run, final_scores, generation_records, score_base
 
     finished = open_run(run_dir, overrides)
     run_dir, cfg, datamodule, labels = finished.run_dir, finished.cfg, finished.datamodule, finished.labels
@@ -41,13 +41,13 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
                          enable_progress_bar=True, enable_model_summary=False)
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
 
-    run = Run(cfg, method, model, tokenizer, module, datamodule, 0, 0, base_score)
     result: dict[str, Any] = {
         "run_dir": str(run_dir),
         "overrides": list(overrides),
         "method": cfg.method.name,
         "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
-        **final_scores(run, generation_records(cfg, datamodule)),
+        **final_scores(cfg, model, tokenizer, method, classification=module.classification_metrics,
+                       records=generation_records(cfg, datamodule), base_score=base_score),
         "data": datamodule.summary(),
     }
     write_json(run_dir / EVAL_FILE, result)

@@ -21,8 +21,8 @@ log = logging.getLogger("ftlab")
 
 def measure(method: str, overrides: Sequence[str], workdir: Path) -> dict[str, Any]:
     """Apply ``method`` to the configured base, save its artifact, and measure both."""
+    from ftlab.build import build_model
     from ftlab.models import count_parameters
-    from ftlab.train import build_model
 
     cfg = compose([f"method={method}", *overrides])
     applied, model, _ = build_model(cfg)

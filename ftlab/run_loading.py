@@ -81,7 +81,7 @@ class FinishedRun:
 
     def load_base(self) -> tuple["BaseMethod", "nn.Module", "PreTrainedTokenizerBase"]:
         """The method (not applied) and the base model the run started from."""
-        from ftlab.train import load_base
+        from ftlab.build import load_base
 
         return load_base(self.cfg, self.labels)
 

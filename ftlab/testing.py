@@ -98,7 +98,7 @@ def contract_run(method: str, overrides: Sequence[str] = (), cache_dir: str | Pa
                  output_dir: str | Path | None = None) -> ContractRun:
     """Compose ``model=tiny method=<method>`` (plus ``overrides``), load the base, apply the method."""
     from ftlab.data.datamodule import FineTuneDataModule
-    from ftlab.train import load_base
+    from ftlab.build import load_base
 
     settings = ["model=tiny", f"method={method}", "logger=none", "callbacks=none", "data.num_train=16",
                 "data.num_val=8", "data.batch_size=4"]
@@ -120,7 +120,7 @@ def contract_run(method: str, overrides: Sequence[str] = (), cache_dir: str | Pa
 
 def fresh_base(run: ContractRun) -> nn.Module:
     """The same base model again, loaded from scratch, as an export or a new process would."""
-    from ftlab.train import load_base
+    from ftlab.build import load_base
 
     return load_base(run.cfg, run.labels)[1]
 

@@ -1,38 +1,36 @@
 """One training run, top to bottom: config -> model -> method -> data -> fit -> save -> record.
 
-``train(cfg)`` is the task function Hydra calls once per job. It always leaves a
-``metrics.json`` in the run folder (``status: failed`` with the error when something breaks,
-``pruned`` when an Optuna pruner stopped it early),
-and returns the validation loss, the metric a Hydra sweeper minimises.
+This is the training script, and only that: the run record, the Trainer and its callbacks,
+``fit`` and Hydra's task function. Building the model, method, data and module from the config,
+and scoring the base and the fine-tuned model, live in ``ftlab.build``, which ``ftlab eval``,
+``ftlab export`` and the method contract share; library code imports that, never this module
+(``tests/test_layout.py`` checks it), so nothing outside the entry point depends on the training
+loop.
+
+``task(cfg)`` is the function Hydra calls once per job; it runs ``train(cfg)``, which always leaves
+a ``metrics.json`` in the run folder (``status: failed`` with the error when something breaks,
+``pruned`` when an Optuna pruner stopped it early) and returns the validation loss, the metric a
+Hydra sweeper minimises.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
+from ftlab.build import Run, build, final_scores, generation_records
 from ftlab.callbacks import TokenThroughput
-from ftlab.data.cache import fingerprint
-from ftlab.config import task_of, validate
-from ftlab.data.datamodule import FineTuneDataModule
 from ftlab.errors import FtlabError
-from ftlab.generation import GenerationScore, base_score_cached, reference_answer, score_generations
-from ftlab.method import BaseMethod
-from ftlab.models import count_parameters, load_model
-from ftlab.module import FineTuneModule
 from ftlab.pruning import OptunaPruning, trial_for_this_job
 from ftlab.quant import count_quantized_linear
 from ftlab.results import PeakMemory, Stopwatch, folder_mb, loss_summary, read_metrics, write_metrics
@@ -67,108 +65,6 @@ def train(cfg: DictConfig) -> float:
                 path = write_metrics(out, record)
                 log.info("run record: %s (status: %s)", path, record["status"])
     return record["val_loss"] if record.get("val_loss") is not None else math.nan
-
-
-@dataclass
-class Run:
-    """Everything one job trains with, built from the config before ``fit`` touches it."""
-
-    cfg: DictConfig
-    method: BaseMethod
-    model: nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    module: FineTuneModule
-    datamodule: FineTuneDataModule
-    trainable_params: int
-    total_params: int
-    base_score: GenerationScore | None = None
-
-
-def load_base(
-    cfg: DictConfig, labels: Sequence[str] | None = None
-) -> tuple[BaseMethod, nn.Module, PreTrainedTokenizerBase]:
-    """Validate, seed, load the base model (with a classification head for ``labels``); return
-    it with the (not yet applied) method."""
-    info = validate(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    model, tokenizer = load_model(cfg.model, cfg.quantization, cache_dir=cfg.paths.cache_dir, labels=labels)
-    return info.cls(OmegaConf.to_object(cfg.method)), model, tokenizer
-
-
-def build_model(cfg: DictConfig) -> tuple[BaseMethod, nn.Module, PreTrainedTokenizerBase]:
-    """The base model with the method applied to it."""
-    method, base, tokenizer = load_base(cfg)
-    return method, method.apply(base), tokenizer
-
-
-def build(cfg: DictConfig) -> Run:
-    """Data first (a classifier's head needs the label set), then the base model, its score
-    before fine-tuning, the method applied to it, the data connected to its tokenizer, the module."""
-    datamodule = FineTuneDataModule(cfg.data)
-    labels = datamodule.labels if task_of(cfg) == "classification" else None
-    method, base, tokenizer = load_base(cfg, labels)
-    base_score = score_base(cfg, base, tokenizer, datamodule)
-    model = method.apply(base)
-    trainable, total = count_parameters(model)
-    log.info(
-        "method %s on %s: trainable params %s || all params %s || trainable %.4f%%",
-        cfg.method.name, cfg.model.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
-    )
-    packing = bool(cfg.data.get("packing", False))
-    if packing and not method.packing:
-        log.warning("method '%s' cannot take packed batches (%s): data.packing is off for this run",
-                    cfg.method.name, method.no_packing)
-        packing = False
-    context = getattr(model.config, "max_position_embeddings", None)  # data.max_length is capped by it
-    datamodule.connect(tokenizer, max_length=context, cache_dir=cfg.paths.cache_dir, packing=packing)
-    module = FineTuneModule(
-        model,
-        method,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        labels=labels,
-    )
-    return Run(cfg, method, model, tokenizer, module, datamodule, trainable, total, base_score)
-
-
-def generation_records(cfg: DictConfig, datamodule: FineTuneDataModule) -> list[dict]:
-    """The held-out prompts whose answers are checked: the first ``eval.num_prompts`` validation
-    chats with a reference answer (none for classification, text data or ``eval.generate=false``)."""
-    ev = cfg.get("eval")
-    if ev is None or not ev.generate or task_of(cfg) != "causal_lm" or datamodule.kind != "chat":
-        return []
-    records = [r for r in datamodule.val_records if reference_answer(r) is not None]
-    return records if ev.num_prompts is None else records[: int(ev.num_prompts)]
-
-
-def _score(cfg: DictConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict],
-           method: BaseMethod | None = None) -> GenerationScore:
-    ev = cfg.eval
-    return score_generations(model, tokenizer, records, checker=ev.checker, max_new_tokens=ev.max_new_tokens,
-                             batch_size=int(ev.batch_size), num_samples=int(ev.num_samples),
-                             model_inputs=method.model_inputs if method is not None else None)
-
-
-def score_base(cfg: DictConfig, base: nn.Module, tokenizer: PreTrainedTokenizerBase,
-               datamodule: FineTuneDataModule) -> GenerationScore | None:
-    """The base model's score on the held-out prompts, computed once per base, data and eval
-    settings (a sweep over methods shares it through the cache)."""
-    records = generation_records(cfg, datamodule)
-    if not records:
-        return None
-    key = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "quantization": OmegaConf.to_container(cfg.quantization, resolve=True),
-        "records": fingerprint([{k: v for k, v in r.items() if not k.startswith("_")} for r in records]),
-        "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "num_samples"},
-        # 2: 4-bit bases score in bitsandbytes' standard layout; scores cached while it repacked
-        # them for CPU inference came from a slightly different model
-        "format": 2,
-    }
-    score, hit = base_score_cached(Path(cfg.paths.cache_dir), key, lambda: _score(cfg, base, tokenizer, records))
-    log.info("base model: %s %d/%d (%.1f%%)%s", score.checker, score.correct, score.total, 100 * score.score,
-             " (cached)" if hit else "")
-    return score
 
 
 def fit(run: Run, out: Path) -> dict[str, Any]:
@@ -207,7 +103,9 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
     if pruning is not None:
         result["pruned_at_step"] = pruning.pruned_at_step
     result["data"] = run.datamodule.summary()
-    result.update(final_scores(run, records))
+    result.update(final_scores(cfg, run.model, run.tokenizer, run.method,
+                               classification=run.module.classification_metrics, records=records,
+                               base_score=run.base_score))
     if cfg.save_model and trainer.is_global_zero:
         saved = run.method.save(run.model, out / run.method.artifact)
         run.tokenizer.save_pretrained(saved)
@@ -215,28 +113,6 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
         result["artifact_mb"] = round(folder_mb(saved, "*.safetensors"), 3)
         log.info("saved %s to %s", run.method.artifact, saved)
     return result
-
-
-def final_scores(run: Run, records: list[dict]) -> dict[str, Any]:
-    """Classification metrics, or exact match of the base and the fine-tuned model."""
-    out: dict[str, Any] = {}
-    metrics = run.module.classification_metrics
-    if metrics:
-        out["classification"] = metrics
-        out.update({k: round(v, 6) for k, v in metrics.items() if k != "per_class"})
-        log.info("validation: accuracy %.4f, macro precision %.4f recall %.4f F1 %.4f",
-                 metrics["accuracy"], metrics["precision"], metrics["recall"], metrics["f1"])
-    if records:
-        tuned = _score(run.cfg, run.model, run.tokenizer, records, run.method)
-        base = run.base_score
-        out["exact_match"] = tuned.score
-        out["base_exact_match"] = base.score if base is not None else None
-        out["generation"] = {"checker": tuned.checker, "prompts": tuned.total, "finetuned_correct": tuned.correct,
-                             "base_correct": base.correct if base is not None else None,
-                             "samples": tuned.samples}
-        log.info("fine-tuned model: %s %d/%d (%.1f%%); base model %s", tuned.checker, tuned.correct, tuned.total,
-                 100 * tuned.score, f"{base.correct}/{base.total}" if base is not None else "not measured")
-    return out
 
 
 def _completed_record(out: Path) -> dict[str, Any] | None:

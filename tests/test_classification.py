@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftlab.build import build
 from ftlab.classification import ClassificationMetrics, is_classifier
 from ftlab.data import topics
 from ftlab.data.sources import DataError, write_jsonl
 from ftlab.errors import ConfigError
 from ftlab.testing import changed_parameters, snapshot
-from ftlab.train import build, fit, train
+from ftlab.train import fit, train
 
 CLS = ("task=classification", "data.num_train=64", "data.num_val=32", "data.batch_size=8")
 
@@ -62,7 +63,7 @@ def test_linear_probe_trains_only_the_head_and_reports_metrics(tiny_cfg, tmp_pat
 
 @pytest.mark.parametrize("method", ["lora", "full", "ia3"])
 def test_methods_train_the_head_and_save_it(tiny_cfg, tmp_path: Path, method: str) -> None:
-    from ftlab.train import load_base
+    from ftlab.build import load_base
 
     run = build(tiny_cfg(*CLS, f"method={method}", steps=2))
     head = {n for n, p in run.model.named_parameters() if p.requires_grad and "score" in n}

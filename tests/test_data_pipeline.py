@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftlab.build import build
 from ftlab.data.config import DataConfig
 from ftlab.data.datamodule import FineTuneDataModule
 from ftlab.data.sources import DataError, write_jsonl
 from ftlab.models import TINY_TOKENIZER_DIR, load_tokenizer
-from ftlab.train import build, fit
+from ftlab.train import fit
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from ftlab.build import build
 from ftlab.evaluate import evaluate_run
-from ftlab.train import build, fit, train
+from ftlab.train import fit, train
 
 TINY = ["model=tiny", "data.num_train=48", "data.num_val=16", "trainer.limit_val_batches=1",
         "eval.num_prompts=6", "eval.num_samples=2", "logger=none", "callbacks=none"]

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftlab.build import build
 from ftlab.testing import changed_parameters, snapshot
-from ftlab.train import build, fit, train
+from ftlab.train import fit, train
 
 
 @pytest.mark.parametrize(

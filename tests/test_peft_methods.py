@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from ftlab.build import build
 from ftlab.errors import ConfigError
 from ftlab.methods.adalora import AdaLora
 from ftlab.methods.ia3 import IA3
@@ -21,7 +22,7 @@ from ftlab.methods.prompt import Prompt
 from ftlab.methods.ptuning import PTuning
 from ftlab.methods.vera import Vera
 from ftlab.testing import changed_parameters, contract_run, fresh_base, snapshot
-from ftlab.train import build, fit
+from ftlab.train import fit
 
 PEFT_TUNERS = {
     "prefix": Prefix, "prompt": Prompt, "ptuning": PTuning, "multitask_prompt": MultitaskPrompt, "ia3": IA3,

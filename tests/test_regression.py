@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftlab.train import build, fit
+from ftlab.build import build
+from ftlab.train import fit
 
 # train/loss of steps 1..8: model=tiny seed=0 method=lora method.lr=3e-3, 4 examples per batch
 PINNED_LORA = [6.9122, 6.9776, 6.8555, 6.8196, 6.8989, 6.8218, 6.8405, 6.8648]

@@ -17,7 +17,7 @@ class TestLoraFAPresetContract(MethodContract):
 
 
 def test_only_b_trains(tmp_path) -> None:
-    from ftlab.train import build
+    from ftlab.build import build
 
     cfg = compose(["model=tiny", "method=lora_fa", "logger=none", f"paths.output_dir={tmp_path}",
                    f"paths.cache_dir={tmp_path / 'cache'}"])
