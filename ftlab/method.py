@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from ftlab.errors import MethodError
+from ftlab.quant import QUANT_NAMES
 
-QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+QUANTIZATIONS = QUANT_NAMES  # every `quantization=` choice: what a method that keeps its base frozen accepts
 TASKS = ("causal_lm", "classification")
 
 

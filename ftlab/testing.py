@@ -29,7 +29,8 @@ reason, never as passed. What each check guarantees:
   same logits (``SAVE_LOAD_ATOL``).
 - ``check_merge``: after the same minimum effect, a method that can merge gives a plain
   transformers model with no PEFT or bitsandbytes module left and the same logits
-  (``MERGE_ATOL``); a method with ``cannot_merge`` refuses with a MethodError giving its reason;
+  (``MERGE_ATOL``; on a quantized base, those of the model computing with its dequantized
+  weights, since int8 inference also quantizes activations); a method with ``cannot_merge`` refuses with a MethodError giving its reason;
   a method whose trained model already is the plain model (full, freeze) is skipped.
 - ``check_quantized_base``: on each quantized base the method claims (``nf4``, ``fp4``, ``int8``;
   the others are skipped), the base really is held quantized, stays frozen, and the steps,
