@@ -62,7 +62,9 @@ class BaseMethod:
         quantizations: the ``quantization=`` choices whose base this method can train.
         artifact: the name of the saved folder in the run directory ("model", "adapter").
         defaults: Hydra defaults-list entries the method selects in other groups, e.g.
-            ``{"override /quantization": "nf4"}``; the command line still wins over them.
+            ``{"override /quantization@_global_.quantization": "nf4"}`` (the method's node sits
+            under ``method``, so the group needs its global package spelt out); the command line
+            still wins over them.
         trains_base: whether weights of the base model itself train (full, freeze); when False,
             the contract checks that every base weight stays frozen and unchanged.
         cannot_merge: why the trained model cannot be folded into plain base weights (prompt
@@ -115,7 +117,9 @@ class BaseMethod:
         return model(**self.model_inputs(batch)).loss
 
     def on_step_end(self, model: nn.Module, global_step: int) -> None:
-        """Called after every optimizer step (e.g. AdaLoRA's rank budget update)."""
+        """Called after every optimizer step (e.g. AdaLoRA's rank budget update): right after
+        ``optimizer.step()``, before gradients are zeroed. In a training run ``global_step`` is
+        Lightning's, the number of optimizer steps completed before this one (0 after the first)."""
 
     # -- saving, loading, merging ----------------------------------------------------------------
     def save(self, model: nn.Module, directory: Path) -> Path:

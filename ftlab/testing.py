@@ -161,12 +161,14 @@ def changed_parameters(model: nn.Module, before: Mapping[str, torch.Tensor]) -> 
     return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
 
 
-def _step(run: ContractRun, optimizer: torch.optim.Optimizer, step: int) -> torch.Tensor:
+def _step(run: ContractRun, optimizer: torch.optim.Optimizer, global_step: int) -> torch.Tensor:
+    """One optimizer step as a run takes it; ``on_step_end`` gets ``global_step`` as Lightning's
+    ``trainer.global_step`` is at that point: the steps completed before this one (0 first)."""
     run.model.train()
     loss = run.method.loss(run.model, run.batch)
     loss.backward()
     optimizer.step()
-    run.method.on_step_end(run.model, step)
+    run.method.on_step_end(run.model, global_step)
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
@@ -180,9 +182,9 @@ def check_steps_change_only_trainable(run: ContractRun, steps: int = CHANGE_STEP
     before = snapshot(run.model)
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     optimizer = _optimizer(run)
-    for step in range(1, steps + 1):
+    for step in range(steps):
         loss = _step(run, optimizer, step)
-        assert torch.isfinite(loss), f"{_who(run)}: training loss is {loss.item()} at step {step}"
+        assert torch.isfinite(loss), f"{_who(run)}: training loss is {loss.item()} at step {step + 1}"
     changed = changed_parameters(run.model, before)
     frozen_changed = sorted(changed - trainable)
     assert not frozen_changed, f"{_who(run)}: frozen parameters changed in {steps} steps: {frozen_changed[:5]}"
@@ -207,8 +209,8 @@ def _train_until(run: ContractRun, measure: Callable[[], float], enough: float, 
     step, value = 0, 0.0
     while step < limit and value < enough:
         for _ in range(every):
-            step += 1
             _step(run, optimizer, step)
+            step += 1
         value = measure()
     return step, value
 
@@ -231,7 +233,7 @@ def _logits(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
 def _train(run: ContractRun, steps: int = 2) -> None:
     """``steps`` optimizer steps on the fixed batch."""
     optimizer = _optimizer(run)
-    for step in range(1, steps + 1):
+    for step in range(steps):
         _step(run, optimizer, step)
 
 

@@ -1,10 +1,15 @@
-"""ftlab's method contract for lora_fa, plus what is particular to LoRA-FA."""
+"""ftlab's method contract for lora_fa, plus what is particular to LoRA-FA.
+
+Only ftlab's public API is imported here (docs/plugins.md lists it; ftlab's
+``tests/test_plugin_api.py`` checks this file too).
+"""
 
 from __future__ import annotations
 
+from importlib import metadata
+
 from ftlab.config import compose
-from ftlab.registry import get_registry
-from ftlab.testing import MethodContract
+from ftlab.testing import MethodContract, contract_run
 
 
 class TestLoraFAContract(MethodContract):
@@ -17,18 +22,15 @@ class TestLoraFAPresetContract(MethodContract):
 
 
 def test_only_b_trains(tmp_path) -> None:
-    from ftlab.build import build
-
-    cfg = compose(["model=tiny", "method=lora_fa", "logger=none", f"paths.output_dir={tmp_path}",
-                   f"paths.cache_dir={tmp_path / 'cache'}"])
-    model = build(cfg).model
+    model = contract_run("lora_fa", cache_dir=tmp_path / "cache", output_dir=tmp_path / "run").model
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_B" in n for n in trainable)
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
 def test_registered_with_its_preset() -> None:
-    registry = get_registry()
-    assert registry.methods["lora_fa"].package == "ftlab-lorafa"
-    preset = registry.presets["lora_fa_r64"]
-    assert (preset.base, preset.values, preset.package) == ("lora_fa", {"r": 64, "alpha": 128}, "ftlab-lorafa")
+    entry_points = {(ep.group, ep.name): ep.value for ep in metadata.distribution("ftlab-lorafa").entry_points}
+    assert entry_points[("ftlab.methods", "lora_fa")] == "ftlab_lorafa:LoraFA"
+    assert entry_points[("ftlab.presets", "ftlab_lorafa")] == "ftlab_lorafa.presets"
+    cfg = compose(["model=tiny", "method=lora_fa_r64"])  # composes only if ftlab registered both
+    assert (cfg.method.name, cfg.method.r, cfg.method.alpha) == ("lora_fa", 64, 128)
