@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ftlab.errors import FtlabError
+from ftlab.errors import ChatError
 
 __all__ = ["ChatError", "Chatbot", "chat_loop", "check_settings", "generate_once", "load_chatbot", "reply"]
 
@@ -34,10 +34,6 @@ DEFAULT_MAX_NEW_TOKENS = 256
 HELP = "ftlab chat: type a message; /reset starts a new conversation, /exit (or Ctrl-D) ends"
 
 Messages = list[dict[str, str]]
-
-
-class ChatError(FtlabError):
-    """A folder or setting generate/chat cannot work with."""
 
 
 @dataclass

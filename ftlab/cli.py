@@ -1,15 +1,20 @@
-"""Command line: ``ftlab [train] OVERRIDES`` (also ``python -m ftlab``), ``ftlab methods``, ``ftlab compare``,
-``ftlab eval``, ``ftlab export``, ``ftlab generate``, ``ftlab chat``.
+"""Command line: ``ftlab [train] OVERRIDES`` (also ``python -m ftlab``) and the subcommands of
+``COMMANDS``, the one list of them: ``main`` dispatches through it, and the ``Usage:`` lines of
+``ftlab --help`` are made from it (``hydra/default.yaml`` takes them with ``${ftlab.usage:}``).
 
 Training goes through Hydra's own entry point, so every Hydra flag (``-m``, ``--cfg job``,
 ``hydra.run.dir=...``, ``--help``) behaves as Hydra users expect.
+
+Every expected failure is an ``FtlabError`` (``ftlab.errors``); ``main`` reports it as one line,
+``ftlab: error: <message>``, and exit status 1, whichever command raised it.
 """
 
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -17,15 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from ftlab.config import default_method
 from ftlab.errors import FtlabError
 
-SUBCOMMANDS = {
-    "train": "train with Hydra overrides (the default when no subcommand is given)",
-    "methods": "list installed methods and presets; --sizes [OVERRIDES] measures each on a model",
-    "compare": "compare finished runs: ftlab compare SWEEP_DIR [SWEEP_DIR ...] [--out DIR]",
-    "eval": "evaluate a finished run again: ftlab eval RUN_DIR [OVERRIDES, e.g. data.path=other.jsonl]",
-    "export": "export a run for plain transformers/peft: ftlab export RUN_DIR --out DIR [--merge] [--dtype D] [--gguf]",
-    "generate": "answer one prompt: ftlab generate RUN_DIR_OR_EXPORT \"PROMPT\" [--max-new-tokens N] [--system TEXT]",
-    "chat": "talk with a run's model or an export: ftlab chat RUN_DIR_OR_EXPORT (/reset, /exit)",
-}
 SWEEP_ROOT = Path("outputs/multirun")  # where hydra/default.yaml puts sweeps
 
 
@@ -50,34 +46,13 @@ def _overrides(args: Sequence[str]) -> list[str]:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["methods"]:
-        methods(args[1:])
-        return
-    if args[:1] == ["compare"]:
-        compare(args[1:])
-        return
-    if args[:1] == ["eval"]:
-        evaluate(args[1:])
-        return
-    if args[:1] == ["export"]:
-        export(args[1:])
-        return
-    if args[:1] in (["generate"], ["chat"]):
-        talk(args[0], args[1:])
-        return
-    if args[:1] == ["train"]:
-        args = args[1:]
+def train(args: Sequence[str]) -> None:
+    """``ftlab [train] OVERRIDES``: check the overrides, then hand the command line to Hydra."""
     from ftlab.registry import check_overrides, get_registry
 
-    try:
-        get_registry()
-        check_overrides(_overrides(args), default_method=default_method())
-    except FtlabError as exc:
-        raise SystemExit(f"ftlab: error: {exc}") from None
-    args += _resume_sweep_dir(args)
-    sys.argv = [sys.argv[0], *args]
+    get_registry()
+    check_overrides(_overrides(args), default_method=default_method())
+    sys.argv = [sys.argv[0], *args, *_resume_sweep_dir(args)]
     hydra_main()
 
 
@@ -102,7 +77,7 @@ def methods(args: Sequence[str]) -> None:
     """``ftlab methods [--sizes [OVERRIDES ...] [--out FILE]]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="ftlab methods", description=SUBCOMMANDS["methods"])
+    parser = argparse.ArgumentParser(prog="ftlab methods", description=COMMANDS["methods"].help)
     parser.add_argument("--sizes", action="store_true",
                         help="apply and save every method on the model the overrides pick (default model=llama); "
                              "print trainable parameters and saved size as a markdown table")
@@ -119,10 +94,7 @@ def methods(args: Sequence[str]) -> None:
     from ftlab.method_sizes import sizes_table
 
     overrides = ns.overrides if any(o.startswith("model=") for o in ns.overrides) else ["model=llama", *ns.overrides]
-    try:
-        table = sizes_table(overrides)
-    except FtlabError as exc:
-        raise SystemExit(f"ftlab: error: {exc}") from None
+    table = sizes_table(overrides)
     print(table, end="")
     if ns.out:
         ns.out.write_text(table)
@@ -137,7 +109,7 @@ def compare(args: Sequence[str]) -> None:
 
     from ftlab.compare import write_comparison
 
-    parser = argparse.ArgumentParser(prog="ftlab compare", description=SUBCOMMANDS["compare"])
+    parser = argparse.ArgumentParser(prog="ftlab compare", description=COMMANDS["compare"].help)
     parser.add_argument("sweep_dirs", nargs="+", type=Path, help="sweep (or run) folders")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the first folder)")
     ns = parser.parse_args(list(args))
@@ -154,16 +126,12 @@ def evaluate(args: Sequence[str]) -> None:
 
     from ftlab.evaluate import evaluate_run, summary_lines
 
-    parser = argparse.ArgumentParser(prog="ftlab eval", description=SUBCOMMANDS["eval"])
+    parser = argparse.ArgumentParser(prog="ftlab eval", description=COMMANDS["eval"].help)
     parser.add_argument("run_dir", type=Path, help="a run folder (outputs/runs/... or a sweep job's folder)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=test.jsonl eval.num_prompts=200")
     ns = parser.parse_args(list(args))
-    try:
-        result = evaluate_run(ns.run_dir, ns.overrides)
-    except FtlabError as exc:
-        raise SystemExit(f"ftlab: error: {exc}") from None
+    result = evaluate_run(ns.run_dir, ns.overrides)
     print("\n".join(summary_lines(result)))
-
 
 
 def export(args: Sequence[str]) -> None:
@@ -172,7 +140,7 @@ def export(args: Sequence[str]) -> None:
 
     from ftlab.export import DTYPES, export_run
 
-    parser = argparse.ArgumentParser(prog="ftlab export", description=SUBCOMMANDS["export"])
+    parser = argparse.ArgumentParser(prog="ftlab export", description=COMMANDS["export"].help)
     parser.add_argument("run_dir", type=Path, help="a finished run folder")
     parser.add_argument("--out", type=Path, required=True, help="the export folder (new or empty)")
     parser.add_argument("--merge", action="store_true",
@@ -181,10 +149,7 @@ def export(args: Sequence[str]) -> None:
     parser.add_argument("--force", action="store_true", help="replace --out if it is not empty")
     parser.add_argument("--gguf", action="store_true", help="also write model.gguf for llama.cpp (Llama models, with --merge)")
     ns = parser.parse_args(list(args))
-    try:
-        result = export_run(ns.run_dir, ns.out, merge=ns.merge, dtype=ns.dtype, force=ns.force, gguf=ns.gguf)
-    except FtlabError as exc:
-        raise SystemExit(f"ftlab: error: {exc}") from None
+    result = export_run(ns.run_dir, ns.out, merge=ns.merge, dtype=ns.dtype, force=ns.force, gguf=ns.gguf)
     what = "PEFT adapter" if result.format == "peft-adapter" else ("merged model" if result.merged else "model")
     print(f"exported {what} to {result.out} (base: {result.base_model})")
     for note in result.notes:
@@ -198,7 +163,7 @@ def talk(command: str, args: Sequence[str]) -> None:
 
     from ftlab.chat import DEFAULT_MAX_NEW_TOKENS, chat_loop, check_settings, generate_once, load_chatbot
 
-    parser = argparse.ArgumentParser(prog=f"ftlab {command}", description=SUBCOMMANDS[command])
+    parser = argparse.ArgumentParser(prog=f"ftlab {command}", description=COMMANDS[command].help)
     parser.add_argument("path", type=Path, help="a run folder or an export folder")
     if command == "generate":
         parser.add_argument("prompt", help="the user message to answer")
@@ -212,10 +177,56 @@ def talk(command: str, args: Sequence[str]) -> None:
         else:
             check_settings(ns.max_new_tokens, ns.temperature)
             chat_loop(load_chatbot(ns.path), ns.system, ns.max_new_tokens, ns.temperature)
-    except FtlabError as exc:
-        raise SystemExit(f"ftlab: error: {exc}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+class Command(NamedTuple):
+    run: Callable[[Sequence[str]], None]  # called with the arguments after the command's name
+    help: str  # the description of ``ftlab NAME --help``
+    usage: tuple[tuple[str, str], ...]  # its lines in ``ftlab --help``: (command line, what it does)
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(train, "train with Hydra overrides (the default when no subcommand is given)", (
+        ("python -m ftlab [GROUP=OPTION ...] [KEY=VALUE ...]", "or: ftlab train ..."),
+        ("python -m ftlab -m method=full,lora,qlora seed=0,1", "a sweep, one job each"))),
+    "methods": Command(methods, "list installed methods and presets; --sizes [OVERRIDES] measures each on a model", (
+        ("ftlab methods", "installed methods and their fields"),)),
+    "compare": Command(compare, "compare finished runs: ftlab compare SWEEP_DIR [SWEEP_DIR ...] [--out DIR]", (
+        ("ftlab compare SWEEP_DIR [...]", "comparison table and plot of finished runs"),)),
+    "eval": Command(evaluate, "evaluate a finished run again: ftlab eval RUN_DIR [OVERRIDES, e.g. data.path=other.jsonl]", (
+        ("ftlab eval RUN_DIR [OVERRIDES]", "evaluate a finished run again"),)),
+    "export": Command(export, "export a run for plain transformers/peft: ftlab export RUN_DIR --out DIR [--merge] "
+                              "[--dtype D] [--gguf]", (
+        ("ftlab export RUN_DIR --out DIR [--merge]", "adapter or merged model for plain transformers/peft"),)),
+    "generate": Command(partial(talk, "generate"), "answer one prompt: ftlab generate RUN_DIR_OR_EXPORT \"PROMPT\" "
+                                                  "[--max-new-tokens N] [--system TEXT]", (
+        ("ftlab generate RUN_DIR_OR_EXPORT \"PROMPT\"", "one streamed answer"),)),
+    "chat": Command(partial(talk, "chat"), "talk with a run's model or an export: ftlab chat RUN_DIR_OR_EXPORT "
+                                          "(/reset, /exit)", (
+        ("ftlab chat RUN_DIR_OR_EXPORT", "an interactive conversation"),)),
+}
+
+
+def usage() -> str:
+    """The ``Usage:`` lines of ``ftlab --help``, one or more per command of ``COMMANDS``."""
+    lines = [f"{line:<55} ({what})" for command in COMMANDS.values() for line, what in command.usage]
+    return "Usage: " + "\n       ".join(lines)
+
+
+# hydra/default.yaml's help header reads ${ftlab.usage:}; Hydra resolves it when it prints --help
+OmegaConf.register_new_resolver("ftlab.usage", usage, replace=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``ftlab COMMAND ARGS`` (``train`` when the first argument names no command)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = args[0] if args and args[0] in COMMANDS else "train"
+    try:
+        COMMANDS[name].run(args[1:] if args[:1] == [name] else args)
+    except FtlabError as exc:
+        raise SystemExit(f"ftlab: error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from ftlab.errors import FtlabError
+from ftlab.errors import ExportError
 
 if TYPE_CHECKING:
     from ftlab.method import BaseMethod
@@ -48,10 +48,6 @@ CARD = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"
 METRIC_KEYS = ("val_loss", "train_loss_first", "train_loss_last", "steps", "exact_match", "base_exact_match",
                "generation", "accuracy", "precision", "recall", "f1")
-
-
-class ExportError(FtlabError):
-    """An export that cannot be made as asked (a taken --out, --merge of a prompt method, ...)."""
 
 
 @dataclass

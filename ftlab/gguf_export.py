@@ -29,17 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from ftlab.errors import FtlabError
+from ftlab.errors import GgufError
 
 __all__ = ["GgufError", "check_gguf", "write_gguf"]
 
 GGUF_FILE = "model.gguf"
 SOURCE_FILE = "ftlab_source.json"  # written by models.convert_gguf into a converted base folder
 ARCHITECTURES = ("LlamaForCausalLM",)
-
-
-class GgufError(FtlabError):
-    """A model or tokenizer this GGUF writer cannot represent faithfully."""
 
 
 def check_gguf() -> None:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ftlab.errors import ModelLoadError
 from ftlab.quant import bnb_config, cfg_get, keep_standard_4bit_layout, native_bf16, to_dtype
 
 if TYPE_CHECKING:
@@ -55,10 +56,6 @@ TINY_DEFAULTS: dict[str, Any] = {
     "max_position_embeddings": 512,
     "init_seed": 0,
 }
-
-
-class ModelLoadError(RuntimeError):
-    """A model config that cannot be turned into a model (missing package, bad field, ...)."""
 
 
 # -- build-once cache folders ------------------------------------------------------------------

@@ -71,6 +71,16 @@ def test_single_run_input_error_is_one_line_and_recorded(tmp_path: Path, cache_d
     assert record["status"] == "failed" and "line 2" in record["error"]
 
 
+def test_model_load_error_is_one_line_naming_the_field_and_valid_kinds(tmp_path: Path, cache_dir: Path) -> None:
+    out = _ftlab("model=tiny", "model.kind=huge", "trainer.max_steps=1", f"hydra.run.dir={tmp_path}", cache=cache_dir)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("ftlab: error:")]
+    assert errors == ["ftlab: error: unknown model.kind 'huge'; expected 'tiny' or 'pretrained'"], out.stderr[-3000:]
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["error"].startswith("ModelLoadError: unknown model.kind")
+
+
 def test_failed_job_does_not_abort_the_sweep(tmp_path: Path, cache_dir: Path) -> None:
     sweep = tmp_path / "sweep"
     out = _ftlab("-m", "method=lora", "method.r=0,4", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}", *TINY,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ftlab.data.prepare import PrepareConfig
-from ftlab.data.sources import DataError
+from ftlab.errors import DataError
 
 __all__ = ["DataConfig", "SourceConfig", "SYNTHETIC"]
 

@@ -25,7 +25,7 @@ from ftlab.data.encode import encode_example, example_kind, label_names
 from ftlab.data.loading import Splits, load_splits, split_records
 from ftlab.data.packing import PackedCollator, PackingStats, pack
 from ftlab.data.prepare import PrepReport, drop_by_length
-from ftlab.data.sources import DataError
+from ftlab.errors import DataError
 
 __all__ = ["DataConfig", "FineTuneDataModule", "EncodedDataset", "PadCollator", "pad_id_of", "split_records"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ftlab.data.chat import _tokenize, encode_chat
-from ftlab.data.sources import DataError
+from ftlab.errors import DataError
 
 __all__ = ["encode_example", "example_kind", "label_names"]
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from ftlab.data.sources import DataError, Row, json_type, validate_messages
+from ftlab.data.sources import Row, json_type, validate_messages
+from ftlab.errors import DataError
 
 __all__ = ["FORMATS", "NEEDS", "SHAREGPT_ROLES", "detect_format", "missing_error", "missing_fields", "to_example"]
 

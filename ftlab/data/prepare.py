@@ -23,7 +23,8 @@ from typing import Any, Mapping, Sequence
 
 from ftlab.data.augment import discover_augmentations
 from ftlab.data.formats import NEEDS, missing_error, missing_fields, to_example
-from ftlab.data.sources import DataError, Row
+from ftlab.data.sources import Row
+from ftlab.errors import DataError
 
 __all__ = ["MISSING_ACTIONS", "PrepReport", "PrepareConfig", "drop_by_length", "normalize_text", "prepare"]
 

@@ -45,7 +45,7 @@ __all__ = [
     "write_splits_main",
 ]
 
-from ftlab.errors import FtlabError
+from ftlab.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -55,10 +55,6 @@ _EXPECTED_SHAPE = (
 )
 _GIVE_A_SOURCE = "Give a .jsonl/.json/.csv/.parquet file or a folder saved with datasets.save_to_disk"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class DataError(FtlabError):
-    """A data file or record does not have the expected shape."""
 
 
 @dataclass(frozen=True)
