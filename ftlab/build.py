@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ftlab.config import task_of, validate
-from ftlab.data.cache import fingerprint
+from ftlab.data.cache import rows_fingerprint
 from ftlab.data.datamodule import FineTuneDataModule
 from ftlab.generation import GenerationScore, base_score_cached, reference_answer, score_generations
 from ftlab.method import BaseMethod
@@ -128,7 +128,7 @@ def score_base(cfg: DictConfig, base: nn.Module, tokenizer: PreTrainedTokenizerB
     key = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "quantization": OmegaConf.to_container(cfg.quantization, resolve=True),
-        "records": fingerprint([{k: v for k, v in r.items() if not k.startswith("_")} for r in records]),
+        "records": rows_fingerprint(records),
         "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "num_samples"},
         # 2: 4-bit bases score in bitsandbytes' standard layout; scores cached while it repacked
         # them for CPU inference came from a slightly different model

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from ftlab.errors import ChatError
+from ftlab.export import EXPORT_INFO
 
 __all__ = ["ChatError", "Chatbot", "chat_loop", "check_settings", "generate_once", "load_chatbot", "reply"]
 
-EXPORT_INFO = "ftlab_export.json"
+
 DEFAULT_MAX_NEW_TOKENS = 256
 HELP = "ftlab chat: type a message; /reset starts a new conversation, /exit (or Ctrl-D) ends"
 

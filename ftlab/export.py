@@ -134,7 +134,7 @@ def _write_model(loaded: "LoadedRun", folder: Path, dtype: str | None, base_mode
 
 
 def _data_facts(finished: "FinishedRun") -> dict[str, Any]:
-    from ftlab.data.cache import fingerprint
+    from ftlab.data.cache import rows_fingerprint
 
     records = finished.datamodule.train_records
     data = finished.cfg.data
@@ -145,7 +145,7 @@ def _data_facts(finished: "FinishedRun") -> dict[str, Any]:
         "mix": OmegaConf.to_container(data.mix, resolve=True) if data.get("mix") else [],
         "synthetic": data.get("synthetic"),
         "train_examples": len(records),
-        "fingerprint": fingerprint([{k: v for k, v in r.items() if not k.startswith("_")} for r in records]),
+        "fingerprint": rows_fingerprint(records),
     }
 
 

@@ -49,6 +49,12 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def rows_fingerprint(rows: Any) -> str:
+    """Print of data rows without their private ``_`` fields (bookkeeping such as a row's source
+    line), so the same examples give the same print wherever they were read from."""
+    return fingerprint([{k: v for k, v in row.items() if not k.startswith("_")} for row in rows])
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Print of what decides a tokenizer's output: its backend (vocabulary, merges, normalizer,
     added tokens, post-processor), its chat template and its special tokens."""

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ftlab.data.cache import cached_examples, fingerprint, tokenizer_fingerprint
+from ftlab.data.cache import cached_examples, rows_fingerprint, tokenizer_fingerprint
 from ftlab.data.chat import IGNORE_INDEX
 from ftlab.data.config import DataConfig
 from ftlab.data.encode import encode_example, example_kind, label_names
@@ -163,7 +163,7 @@ class FineTuneDataModule(pl.LightningDataModule):
         if self.cache_dir is None:
             return build()
         key = {
-            "data": fingerprint([{k: v for k, v in e.items() if not k.startswith("_")} for e in examples]),
+            "data": rows_fingerprint(examples),
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
             "labels": label_ids,
         }
