@@ -30,6 +30,7 @@ from torch import nn
 
 from ftlab.checkers import get_checker
 from ftlab.data.chat import IGNORE_INDEX, encode_chat, encode_prompt
+from ftlab.errors import ConfigError
 
 __all__ = [
     "GenerationScore", "base_score_cached", "generate", "generate_ids", "prompt_text", "reference_answer",
@@ -207,9 +208,9 @@ def generate_ids(
     more than ids and mask, e.g. multitask prompt tuning's ``task_ids``.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     prompts = [encode_prompt(tokenizer, record["messages"]) for record in records]
     stop = stop_token_ids(tokenizer, model)
     pad_id = _pad_id(tokenizer)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ftlab.classification import ClassificationMetrics
+from ftlab.errors import MethodError
 from ftlab.method import BaseMethod
 from ftlab.quant import keep_standard_4bit_layout
 
@@ -79,7 +80,7 @@ class FineTuneModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         groups = self.method.parameter_groups(self.model, self.method.config.lr)
         if not any(p.requires_grad for g in groups for p in g["params"]):
-            raise ValueError(f"method '{self.method.config.name}' left no trainable parameter")
+            raise MethodError(f"method '{self.method.config.name}' left no trainable parameter")
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ftlab.errors import ConfigError
+
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
 
@@ -36,7 +38,7 @@ def to_dtype(name: str | torch.dtype) -> torch.dtype:
         return name
     key = str(name).lower().removeprefix("torch.")
     if key not in DTYPES:
-        raise ValueError(f"unknown dtype '{name}'; expected one of: {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown dtype '{name}'; expected one of: {', '.join(DTYPES)}")
     return DTYPES[key]
 
 
@@ -84,12 +86,12 @@ def bnb_config(quant_cfg: Any) -> BitsAndBytesConfig | None:
 
     name = str(cfg_get(quant_cfg, "name", "none")).lower()
     if name not in QUANT_NAMES:
-        raise ValueError(f"unknown quantization '{name}'; expected one of: {', '.join(QUANT_NAMES)}")
+        raise ConfigError(f"unknown quantization '{name}'; expected one of: {', '.join(QUANT_NAMES)}")
     want_4bit, want_8bit = name in ("nf4", "fp4"), name == "int8"
     load_4bit = bool(cfg_get(quant_cfg, "load_in_4bit", want_4bit))
     load_8bit = bool(cfg_get(quant_cfg, "load_in_8bit", want_8bit))
     if (load_4bit, load_8bit) != (want_4bit, want_8bit):
-        raise ValueError(
+        raise ConfigError(
             f"quantization '{name}' conflicts with load_in_4bit={load_4bit}, load_in_8bit={load_8bit}"
         )
     if name == "none":
@@ -102,7 +104,7 @@ def bnb_config(quant_cfg: Any) -> BitsAndBytesConfig | None:
 
     quant_type = str(cfg_get(quant_cfg, "bnb_4bit_quant_type", name)).lower()
     if quant_type != name:
-        raise ValueError(f"quantization '{name}' conflicts with bnb_4bit_quant_type='{quant_type}'")
+        raise ConfigError(f"quantization '{name}' conflicts with bnb_4bit_quant_type='{quant_type}'")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,

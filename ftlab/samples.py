@@ -16,6 +16,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
 from ftlab.checkers import get_checker
+from ftlab.errors import ConfigError
 from ftlab.generation import reference_answer, score_generations
 
 COLUMNS = ("step", "prompt", "reference", "prediction", "correct")
@@ -46,7 +47,7 @@ class GenerationSamples(pl.Callback):
         checker: str = "exact",
     ) -> None:
         if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
         get_checker(checker)  # a misspelt checker fails before training, not at the first validation
         self.records = [r for r in records if reference_answer(r) is not None][:num_samples]
         self.tokenizer = tokenizer

@@ -130,3 +130,18 @@ def test_methods_lists_presets_and_sizes_table(tmp_path: Path, cache_dir: Path) 
     assert table_file.read_text() in sizes.stdout
     bad = subprocess.run([sys.executable, "-m", "ftlab", "methods", "model=tiny"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "overrides and --out go with --sizes" in bad.stderr
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("method=freeze", "method.last_n_blocks=9"), "ftlab: error: method.last_n_blocks=9 must be between 0 and 2"),
+    (("scheduler.warmup_ratio=2",), "ftlab: error: scheduler.warmup_ratio=2 must be in [0, 1)"),
+    (("method=qlora", "quantization.bnb_4bit_compute_dtype=float33"),
+     "ftlab: error: unknown dtype 'float33'; expected one of: float32"),
+])
+def test_bad_values_are_one_line_not_a_traceback(overrides: tuple[str, ...], message: str, tmp_path: Path,
+                                                 cache_dir: Path) -> None:
+    out = _ftlab(*overrides, "trainer.max_steps=1", "eval.generate=false", f"hydra.run.dir={tmp_path}", *TINY,
+                 cache=cache_dir)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("ftlab: error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), out.stderr[-3000:]

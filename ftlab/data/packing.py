@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ftlab.data.chat import IGNORE_INDEX
+from ftlab.errors import ConfigError
 
 __all__ = ["PackedCollator", "PackingStats", "pack", "real_tokens"]
 
@@ -92,7 +93,7 @@ def pack(
     sequence with room for it. Returns sequences of ``input_ids``, ``labels`` and
     ``position_ids`` (0.. per example) and the padding statistics."""
     if max_length < 1 or batch_size < 1:
-        raise ValueError(f"max_length and batch_size must be >= 1, got {max_length} and {batch_size}")
+        raise ConfigError(f"max_length and batch_size must be >= 1, got {max_length} and {batch_size}")
     sequences: list[dict[str, list[int]]] = []
     free: list[int] = []  # room left in each sequence
     for index, example in enumerate(examples):

@@ -20,6 +20,8 @@ import json
 import random
 from typing import Callable, Sequence
 
+from ftlab.errors import ConfigError
+
 __all__ = ["TASKS", "generate", "default_splits", "exact_match", "make_record", "main"]
 
 TaskFn = Callable[[random.Random], tuple[str, str]]
@@ -150,7 +152,7 @@ def _task_names(tasks: Sequence[str] | None) -> list[str]:
     names = list(TASKS) if tasks is None else list(tasks)
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
-        raise ValueError(f"unknown synthetic task(s) {unknown or names!r}; known: {sorted(TASKS)}")
+        raise ConfigError(f"unknown synthetic task(s) {unknown or names!r}; known: {sorted(TASKS)}")
     return names
 
 
@@ -175,7 +177,7 @@ def _draw(
 def generate(n: int, seed: int, tasks: Sequence[str] | None = None) -> list[dict]:
     """``n`` records cycling through ``tasks`` (default: all of TASKS), fully determined by seed."""
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise ConfigError(f"n must be >= 0, got {n}")
     return _draw(n, random.Random(seed), _task_names(tasks))
 
 

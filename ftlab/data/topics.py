@@ -17,6 +17,8 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+from ftlab.errors import ConfigError
+
 __all__ = ["LABELS", "generate", "default_splits", "main"]
 
 _TOPICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
@@ -89,7 +91,7 @@ def _draw(n: int, rng: random.Random, exclude: set[str]) -> list[dict]:
 def generate(n: int, seed: int) -> list[dict]:
     """``n`` distinct labelled sentences, balanced over ``LABELS``, fully determined by ``seed``."""
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise ConfigError(f"n must be >= 0, got {n}")
     return _draw(n, random.Random(f"ftlab-topics-{seed}"), set())
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ftlab.classification import is_classifier
+from ftlab.errors import ConfigError
 from ftlab.method import BaseMethod, MethodConfig
 
 
@@ -25,7 +26,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of transformer blocks: its longest ModuleList (``model.layers`` for Llama)."""
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
-        raise ValueError(f"{type(model).__name__} has no ModuleList of transformer blocks to unfreeze")
+        raise ConfigError(f"{type(model).__name__} has no ModuleList of transformer blocks to unfreeze")
     return max(lists, key=lambda item: len(item[1]))
 
 
@@ -43,7 +44,7 @@ class Freeze(BaseMethod):
         model.requires_grad_(False)
         _, blocks = decoder_blocks(model)
         if not 0 <= cfg.last_n_blocks <= len(blocks):
-            raise ValueError(f"method.last_n_blocks={cfg.last_n_blocks} must be between 0 and {len(blocks)}")
+            raise ConfigError(f"method.last_n_blocks={cfg.last_n_blocks} must be between 0 and {len(blocks)}")
         for block in list(blocks)[len(blocks) - cfg.last_n_blocks:]:
             block.requires_grad_(True)
         patterns = [re.compile(p) for p in cfg.modules]
@@ -58,5 +59,5 @@ class Freeze(BaseMethod):
             head.requires_grad_(True)
         missing = [p for p, hit in matched.items() if not hit]
         if missing:
-            raise ValueError(f"method.modules: no module of {type(model).__name__} matches {missing}")
+            raise ConfigError(f"method.modules: no module of {type(model).__name__} matches {missing}")
         return model
