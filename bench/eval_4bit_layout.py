@@ -3,8 +3,8 @@
 
 What keeping bitsandbytes' standard 4-bit layout costs evaluation on a CPU with AVX512-BF16.
 
-bitsandbytes (0.49+) repacks a ``Linear4bit`` weight into a CPU-only tiled layout the first time
-the layer runs in eval mode without grad on such a CPU; backward through a repacked layer drops
+bitsandbytes (0.50 here, since its CPU fused 4-bit kernel) repacks a ``Linear4bit`` weight into
+a CPU-only tiled layout the first time the layer runs in eval mode without grad on such a CPU; backward through a repacked layer drops
 gradients, so ``ftlab.models.load_model`` turns the repack off (``keep_standard_4bit_layout``).
 This loads the default model (SmolLM2-135M-Instruct, ``quantization=nf4``) twice through ftlab's
 config and loader: (a) as ftlab loads it (standard layout), and (b) a second copy with
