@@ -243,16 +243,18 @@ def train_until_moved(run: ContractRun) -> torch.Tensor:
     dropped what trained would differ by about that much)."""
     if run.initial_logits is None:
         run.initial_logits = _logits(run.model, run.inputs())
-    initial = run.initial_logits
+    initial, last = run.initial_logits, run.initial_logits
 
     def effect() -> float:
-        return (_logits(run.model, run.inputs()) - initial).abs().max().item()
+        nonlocal last
+        last = _logits(run.model, run.inputs())
+        return (last - initial).abs().max().item()
 
     steps, moved = _train_until(run, effect, MIN_EFFECT, EFFECT_ROUND, EFFECT_MAX_STEPS)
     if moved < MIN_EFFECT:
         pytest.fail(f"{_who(run)}: {steps} training steps moved the logits by only {moved:.2e} (at least "
                     f"{MIN_EFFECT:g} is needed before save/load or merge can be compared)", pytrace=False)
-    return _logits(run.model, run.inputs())
+    return last
 
 
 def check_save_load(run: ContractRun, directory: str | Path) -> None:
@@ -381,6 +383,18 @@ def check_quantized_gradients(run: ContractRun, rtol: float = GRAD_RTOL) -> dict
     return worst
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: a tiny model's ops are fastest so, and more OpenMP threads
+    spin-wait on a busy machine (a contract check took 38 s on two threads, 1 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -- running a method class that is not installed ----------------------------------------------------
 
 
@@ -421,11 +435,8 @@ class MethodContract:
 
     @pytest.fixture(autouse=True)
     def _one_thread(self) -> Iterator[None]:
-        """A tiny model's ops run fastest on one thread; more OpenMP threads spin-wait."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(threads)
+        with one_thread():
+            yield
 
     @pytest.fixture
     def run(self, contract_cache: Path, tmp_path: Path) -> ContractRun:

@@ -31,12 +31,10 @@ def tiny_model_dir(cache_dir: Path) -> Path:
 def one_thread():
     """Tiny ops run fastest on one thread; two OpenMP threads on a busy machine spin-wait.
     A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    import torch
+    from ftlab.testing import one_thread as single_thread
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture
