@@ -5,7 +5,7 @@ What keeping bitsandbytes' standard 4-bit layout costs evaluation on a CPU with 
 
 bitsandbytes (0.50 here, since its CPU fused 4-bit kernel) repacks a ``Linear4bit`` weight into
 a CPU-only tiled layout the first time the layer runs in eval mode without grad on such a CPU; backward through a repacked layer drops
-gradients, so ``ftlab.models.load_model`` turns the repack off (``keep_standard_4bit_layout``).
+gradients, so ``ftlab.models.loading.load_model`` turns the repack off (``keep_standard_4bit_layout``).
 This loads the default model (SmolLM2-135M-Instruct, ``quantization=nf4``) twice through ftlab's
 config and loader: (a) as ftlab loads it (standard layout), and (b) a second copy with
 ``support_avx512bf16_for_cpu = True`` set back on every ``Linear4bit`` (packed layout; it repacks
@@ -17,13 +17,13 @@ call each (the packed copy's first warm-up call includes its one-time repack):
 
 * generation: greedy decoding of exactly ``--new-tokens`` tokens (``min_new_tokens`` = max) for
   the first ``--prompts`` synthetic validation prompts in one left-padded batch, prompts built
-  with ``encode_prompt`` like ``ftlab.generation``;
+  with ``encode_prompt`` like ``ftlab.evaluation.generation``;
 * forward: one eval-mode, no-grad forward with loss (validation-loss style) over ``--rows`` x
   ``--seq-len`` tokens cut from the validation chats concatenated.
 
 Reports median seconds, packed / standard ratios, the max absolute logit difference between
 the layouts on the same forward input (the packed path rounds absmax to bf16 and computes in
-bf16), the loss difference, and how many answers of ``ftlab.generation.generate_ids`` (greedy,
+bf16), the loss difference, and how many answers of ``ftlab.evaluation.generation.generate_ids`` (greedy,
 cut at the stop token, as ftlab's exact match sees them) agree. The first run converts the GGUF
 once into ``paths.cache_dir`` (~30 s; ``FTLAB_CACHE`` moves it).
 """
@@ -82,11 +82,11 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from ftlab.config import compose
-    from ftlab.data.chat import encode_chat, encode_prompt
+    from ftlab.data.chat_masking import encode_chat, encode_prompt
     from ftlab.data.synthetic import default_splits
-    from ftlab.generation import generate_ids, stop_token_ids
-    from ftlab.models import load_model
-    from ftlab.quant import REPACK_SWITCH, is_cpu_packed
+    from ftlab.evaluation.generation import generate_ids, stop_token_ids
+    from ftlab.models.loading import load_model
+    from ftlab.models.quant import REPACK_SWITCH, is_cpu_packed
 
     hf_logging.disable_progress_bar()
     cfg = compose(["model=llama", "quantization=nf4"])

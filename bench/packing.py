@@ -22,12 +22,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from ftlab import models
-from ftlab.data.chat import encode_chat, num_label_tokens
+from ftlab.models import loading as models
+from ftlab.data.chat_masking import encode_chat, num_label_tokens
 from ftlab.data.datamodule import PadCollator, pad_id_of
 from ftlab.data.packing import PackedCollator, pack, real_tokens
 from ftlab.data.synthetic import default_splits
-from ftlab.models import TINY_TOKENIZER_DIR, load_tokenizer, tiny_checkpoint
+from ftlab.models.loading import TINY_TOKENIZER_DIR, load_tokenizer, tiny_checkpoint
 
 MAX_LENGTH = 256
 

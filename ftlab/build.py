@@ -28,9 +28,9 @@ from transformers import PreTrainedTokenizerBase
 from ftlab.config import task_of, validate
 from ftlab.data.cache import rows_fingerprint
 from ftlab.data.datamodule import FineTuneDataModule
-from ftlab.generation import GenerationScore, base_score_cached, reference_answer, score_generations
-from ftlab.method import BaseMethod
-from ftlab.models import count_parameters, load_model
+from ftlab.evaluation.generation import GenerationScore, base_score_cached, reference_answer, score_generations
+from ftlab.methods.base import BaseMethod
+from ftlab.models.loading import count_parameters, load_model
 from ftlab.module import FineTuneModule
 
 __all__ = ["Run", "build", "build_model", "final_scores", "generation_records", "load_base", "score_base"]

@@ -87,11 +87,11 @@ def methods(args: Sequence[str]) -> None:
     if not ns.sizes:
         if ns.overrides or ns.out:
             parser.error("overrides and --out go with --sizes")
-        from ftlab.methods_table import print_methods
+        from ftlab.methods.table import print_methods
 
         print_methods()
         return
-    from ftlab.method_sizes import sizes_table
+    from ftlab.methods.sizes import sizes_table
 
     overrides = ns.overrides if any(o.startswith("model=") for o in ns.overrides) else ["model=llama", *ns.overrides]
     table = sizes_table(overrides)
@@ -107,7 +107,7 @@ def compare(args: Sequence[str]) -> None:
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from ftlab.compare import write_comparison
+    from ftlab.sweeps.compare import write_comparison
 
     parser = argparse.ArgumentParser(prog="ftlab compare", description=COMMANDS["compare"].help)
     parser.add_argument("sweep_dirs", nargs="+", type=Path, help="sweep (or run) folders")
@@ -124,7 +124,7 @@ def evaluate(args: Sequence[str]) -> None:
     """``ftlab eval RUN_DIR [OVERRIDES]``: validation loss and scores of a finished run's model."""
     import argparse
 
-    from ftlab.evaluate import evaluate_run, summary_lines
+    from ftlab.evaluation.evaluate import evaluate_run, summary_lines
 
     parser = argparse.ArgumentParser(prog="ftlab eval", description=COMMANDS["eval"].help)
     parser.add_argument("run_dir", type=Path, help="a run folder (outputs/runs/... or a sweep job's folder)")
@@ -138,7 +138,7 @@ def export(args: Sequence[str]) -> None:
     """``ftlab export RUN_DIR --out DIR [--merge] [--dtype D] [--force] [--gguf]``."""
     import argparse
 
-    from ftlab.export import DTYPES, export_run
+    from ftlab.deploy.export import DTYPES, export_run
 
     parser = argparse.ArgumentParser(prog="ftlab export", description=COMMANDS["export"].help)
     parser.add_argument("run_dir", type=Path, help="a finished run folder")
@@ -161,7 +161,7 @@ def talk(command: str, args: Sequence[str]) -> None:
     """``ftlab generate PATH PROMPT [...]`` and ``ftlab chat PATH [...]``."""
     import argparse
 
-    from ftlab.chat import DEFAULT_MAX_NEW_TOKENS, chat_loop, check_settings, generate_once, load_chatbot
+    from ftlab.deploy.chat import DEFAULT_MAX_NEW_TOKENS, chat_loop, check_settings, generate_once, load_chatbot
 
     parser = argparse.ArgumentParser(prog=f"ftlab {command}", description=COMMANDS[command].help)
     parser.add_argument("path", type=Path, help="a run folder or an export folder")

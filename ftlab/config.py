@@ -60,7 +60,7 @@ def validate(cfg: DictConfig) -> "MethodInfo":
             f"it accepts quantization={accepted}{hint}"
         )
     if cfg.get("eval") is not None and cfg.eval.generate:
-        from ftlab.checkers import get_checker
+        from ftlab.evaluation.checkers import get_checker
 
         get_checker(str(cfg.eval.checker))  # a misspelt checker fails before any model loads
     task = task_of(cfg)

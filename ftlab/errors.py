@@ -5,7 +5,7 @@ wrong and what is valid. Anything else that escapes is a bug and keeps its trace
 
 All of ftlab's exception classes live here (tests/test_errors.py checks it). The modules that
 raise them import them from here, and also re-export them, so the older import locations
-(``ftlab.models.ModelLoadError``, ``ftlab.data.sources.DataError``, ...) keep working.
+(``ftlab.models.loading.ModelLoadError``, ``ftlab.data.sources.DataError``, ...) keep working.
 """
 
 

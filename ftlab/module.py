@@ -1,7 +1,7 @@
 """The one LightningModule every method trains through.
 
 Methods differ only in what they do to the model (``apply``) and in the hooks of
-``ftlab.method.BaseMethod``; the loop, logging and optimizer wiring are shared here.
+``ftlab.methods.base.BaseMethod``; the loop, logging and optimizer wiring are shared here.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ftlab.classification import ClassificationMetrics
+from ftlab.evaluation.classification import ClassificationMetrics
 from ftlab.errors import MethodError
-from ftlab.method import BaseMethod
-from ftlab.quant import keep_standard_4bit_layout
+from ftlab.methods.base import BaseMethod
+from ftlab.models.quant import keep_standard_4bit_layout
 
 
 class FineTuneModule(pl.LightningModule):
@@ -38,7 +38,7 @@ class FineTuneModule(pl.LightningModule):
         self.classification_metrics: dict[str, Any] = {}
 
     def on_fit_start(self) -> None:
-        # a model built outside ftlab.models.load_model (a plugin's own) is guarded here too
+        # a model built outside ftlab.models.loading.load_model (a plugin's own) is guarded here too
         keep_standard_4bit_layout(self.model)
 
     def forward(self, **batch: torch.Tensor) -> Any:

@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.errors import MethodError
-from ftlab.method import BaseMethod, MethodConfig, config_fields, field_default
+from ftlab.methods.base import BaseMethod, MethodConfig, config_fields, field_default
 
 ENTRY_POINT_GROUP = "ftlab.methods"
 PRESET_GROUP = "ftlab.presets"
@@ -110,7 +110,7 @@ def _validate(name: str, obj: Any) -> type[BaseMethod]:
         raise MethodError(f"'{name}' must point at a method class with an apply(model) method, got {obj!r}")
     config = getattr(obj, "Config", None)
     if not (isinstance(config, type) and issubclass(config, MethodConfig) and dataclasses.is_dataclass(config)):
-        raise MethodError(f"'{name}': {obj.__name__}.Config must be a dataclass subclassing ftlab.method.MethodConfig")
+        raise MethodError(f"'{name}': {obj.__name__}.Config must be a dataclass subclassing ftlab.methods.base.MethodConfig")
     for f in config_fields(config):
         field_default(f)  # a field without a default is allowed ('???' = required)
     return obj

@@ -9,7 +9,7 @@ same config composition and model loading as a real run. In a plugin's test file
         method = "my_method"            # the registered entry-point (or preset) name
         overrides = ("method.r=4",)     # optional extra config overrides
 
-Each check can fail: ``tests/test_contract_controls.py`` runs it on a deliberately broken method
+Each check can fail: ``tests/methods/test_contract_controls.py`` runs it on a deliberately broken method
 and shows it does. A check that does not apply to a method is reported as skipped with the
 reason, never as passed. What each check guarantees:
 
@@ -56,7 +56,7 @@ from torch import nn
 
 from ftlab.config import compose, task_of
 from ftlab.errors import ConfigError, MethodError
-from ftlab.method import BaseMethod
+from ftlab.methods.base import BaseMethod
 
 CHANGE_STEPS = 2
 LOSS_ROUND = 8
@@ -270,7 +270,7 @@ def check_save_load(run: ContractRun, directory: str | Path) -> None:
 def check_merge(run: ContractRun, atol: float = MERGE_ATOL) -> None:
     from transformers import PreTrainedModel
 
-    from ftlab.quant import dequantized, quantized_layers
+    from ftlab.models.quant import dequantized, quantized_layers
 
     if run.method.cannot_merge:
         with pytest.raises(MethodError) as refused:
@@ -315,7 +315,7 @@ def check_base_quantized(run: ContractRun, quant: str) -> None:
     """The base really is held in ``quant``: bitsandbytes layers of that kind, and no silent fallback."""
     import bitsandbytes as bnb
 
-    from ftlab.quant import quantized_layers
+    from ftlab.models.quant import quantized_layers
 
     layers = [layer for _, _, layer in quantized_layers(run.model)]
     kind = bnb.nn.Linear8bitLt if quant == "int8" else bnb.nn.Linear4bit
@@ -362,7 +362,7 @@ def gradient_errors(got: Mapping[str, torch.Tensor], expected: Mapping[str, torc
 def check_quantized_gradients(run: ContractRun, rtol: float = GRAD_RTOL) -> dict[str, float]:
     """Gradients on the quantized base against the dequantized float model, before and after an
     eval-mode pass; returns the worst relative error of each (``fresh``, ``after_eval``)."""
-    from ftlab.quant import dequantized, quantized_layers
+    from ftlab.models.quant import dequantized, quantized_layers
 
     assert quantized_layers(run.model), f"{_who(run)}: no bitsandbytes layer to check gradients through"
     _train(run, CHANGE_STEPS)  # every trainable tensor has a gradient now (LoRA's B left zero)

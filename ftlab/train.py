@@ -31,10 +31,10 @@ from pytorch_lightning.utilities import rank_zero_only
 from ftlab.build import Run, build, final_scores, generation_records
 from ftlab.callbacks import TokenThroughput
 from ftlab.errors import FtlabError
-from ftlab.pruning import OptunaPruning, trial_for_this_job
-from ftlab.quant import count_quantized_linear
+from ftlab.sweeps.pruning import OptunaPruning, trial_for_this_job
+from ftlab.models.quant import count_quantized_linear
 from ftlab.results import PeakMemory, Stopwatch, folder_mb, loss_summary, read_metrics, write_metrics
-from ftlab.samples import GenerationSamples
+from ftlab.evaluation.samples import GenerationSamples
 
 log = logging.getLogger("ftlab")
 SAMPLES_FILE = "samples.jsonl"  # generations logged at every validation

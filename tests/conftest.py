@@ -22,7 +22,7 @@ def tiny_model_dir(cache_dir: Path) -> Path:
     """The tiny random Llama written once as a checkpoint folder (weights and tokenizer)."""
     from omegaconf import OmegaConf
 
-    from ftlab import models
+    from ftlab.models import loading as models
 
     return models.tiny_checkpoint(OmegaConf.create({"name": "tiny", "kind": "tiny", **models.TINY_DEFAULTS}), cache_dir)
 

@@ -39,8 +39,8 @@ def test_no_other_module_defines_an_exception_class() -> None:
 
 
 @pytest.mark.parametrize("module,name", [
-    ("ftlab.models", "ModelLoadError"), ("ftlab.export", "ExportError"), ("ftlab.gguf_export", "GgufError"),
-    ("ftlab.chat", "ChatError"), ("ftlab.data.sources", "DataError"), ("ftlab.registry", "MethodError"),
+    ("ftlab.models.loading", "ModelLoadError"), ("ftlab.deploy.export", "ExportError"), ("ftlab.deploy.gguf", "GgufError"),
+    ("ftlab.deploy.chat", "ChatError"), ("ftlab.data.sources", "DataError"), ("ftlab.registry", "MethodError"),
 ])
 def test_old_import_locations_still_work(module: str, name: str) -> None:
     assert getattr(importlib.import_module(module), name) is getattr(errors, name)

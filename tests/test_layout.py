@@ -101,7 +101,7 @@ def names_module(names: set[str], forbidden: str) -> bool:
 
 def test_no_library_module_imports_the_training_script_when_imported() -> None:
     modules = library_modules()
-    assert "ftlab.build" in modules and "ftlab.evaluate" in modules and "ftlab.methods.lora" in modules
+    assert "ftlab.build" in modules and "ftlab.evaluation.evaluate" in modules and "ftlab.methods.lora" in modules
     pulled = modules_importing_at_import_time(TRAINING_SCRIPT, modules)
     assert pulled == [], f"importing these brings in {TRAINING_SCRIPT}: {pulled}"
 
@@ -133,15 +133,17 @@ def test_the_import_time_check_reports_direct_and_indirect_importers(tmp_path: P
 
 
 @pytest.mark.parametrize("source, module, expected", [
-    ("from ftlab.train import load_base\n", "ftlab.evaluate", True),
-    ("def f():\n    from ftlab.train import task\n", "ftlab.evaluate", True),
-    ("import ftlab.train as t\n", "ftlab.evaluate", True),
-    ("from ftlab import train\n", "ftlab.evaluate", True),
-    ("class A:\n    def m(self):\n        from . import train\n", "ftlab.evaluate", True),
-    ("from ..train import fit\n", "ftlab.data.chat", True),
-    ("from ftlab.build import build\n", "ftlab.evaluate", False),
-    ("from ftlab import training_utils, build\n", "ftlab.evaluate", False),
-    ("from .train import x\n", "ftlab.data.chat", False),  # ftlab.data.train, another module
+    ("from ftlab.train import load_base\n", "ftlab.evaluation.evaluate", True),
+    ("def f():\n    from ftlab.train import task\n", "ftlab.evaluation.evaluate", True),
+    ("import ftlab.train as t\n", "ftlab.evaluation.evaluate", True),
+    ("from ftlab import train\n", "ftlab.evaluation.evaluate", True),
+    ("class A:\n    def m(self):\n        from . import train\n", "ftlab.build", True),
+    ("from .. import train\n", "ftlab.evaluation.evaluate", True),
+    ("from . import train\n", "ftlab.evaluation.evaluate", False),  # ftlab.evaluation.train
+    ("from ..train import fit\n", "ftlab.data.chat_masking", True),
+    ("from ftlab.build import build\n", "ftlab.evaluation.evaluate", False),
+    ("from ftlab import training_utils, build\n", "ftlab.evaluation.evaluate", False),
+    ("from .train import x\n", "ftlab.data.chat_masking", False),  # ftlab.data.train, another module
 ])
 def test_the_static_check_finds_every_spelling(source: str, module: str, expected: bool) -> None:
     assert names_module(imported_names(source, module), TRAINING_SCRIPT) is expected

@@ -6,7 +6,7 @@ data, tokenizer, template and settings loads the examples instead.
 
 The key is a fingerprint of the prepared data, the tokenizer, the template and the encoding
 settings, so any change to one of them gets a new entry rather than stale tokens. Entries are
-written with ``ftlab.models.build_once`` (a temporary folder moved into place under a file
+written with ``ftlab.models.loading.build_once`` (a temporary folder moved into place under a file
 lock): a crash never leaves a half-written entry and parallel jobs tokenize once.
 
 Storage is one safetensors file of int64 arrays: each list-valued field is flattened into one
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ftlab.models import build_once, is_complete
+from ftlab.models.loading import build_once, is_complete
 
 __all__ = ["cached_examples", "fingerprint", "load_examples", "save_examples", "tokenizer_fingerprint"]
 

@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ftlab.data.cache import cached_examples, rows_fingerprint, tokenizer_fingerprint
-from ftlab.data.chat import IGNORE_INDEX
-from ftlab.data.config import DataConfig
+from ftlab.data.chat_masking import IGNORE_INDEX
+from ftlab.data.schema import DataConfig
 from ftlab.data.encode import encode_example, example_kind, label_names
 from ftlab.data.loading import Splits, load_splits, split_records
 from ftlab.data.packing import PackedCollator, PackingStats, pack

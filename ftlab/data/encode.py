@@ -1,7 +1,7 @@
 """Canonical examples -> token ids, one function per kind of example.
 
 * chat (``{"messages": [...]}``): rendered with the tokenizer's chat template, loss on the
-  assistant's tokens only (``ftlab.data.chat``);
+  assistant's tokens only (``ftlab.data.chat_masking``);
 * text (``{"text": ...}``, continued pre-training): every token is trained on, and an EOS ends
   each document so the model learns where documents stop;
 * classification (``{"text": ..., "label": ...}``): the text's tokens and the label's index in
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from ftlab.data.chat import _tokenize, encode_chat
+from ftlab.data.chat_masking import _tokenize, encode_chat
 from ftlab.errors import DataError
 
 __all__ = ["encode_example", "example_kind", "label_names"]

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence, TypeVar
 
-from ftlab.data.config import DataConfig, SourceConfig
+from ftlab.data.schema import DataConfig, SourceConfig
 from ftlab.data.formats import detect_format
 from ftlab.data.prepare import PrepReport, prepare
 from ftlab.data.sources import Row, read_rows

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ftlab.data.chat import IGNORE_INDEX
+from ftlab.data.chat_masking import IGNORE_INDEX
 from ftlab.errors import ConfigError
 
 __all__ = ["PackedCollator", "PackingStats", "pack", "real_tokens"]

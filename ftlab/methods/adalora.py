@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ftlab.errors import ConfigError
-from ftlab.method import QUANTIZATIONS, MethodConfig
-from ftlab.peft_method import PeftMethod, module_names
+from ftlab.methods.base import QUANTIZATIONS, MethodConfig
+from ftlab.methods.peft_base import PeftMethod, module_names
 
 
 @dataclass

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ftlab.errors import ConfigError
-from ftlab.method import QUANTIZATIONS, BaseMethod, MethodConfig
+from ftlab.methods.base import QUANTIZATIONS, BaseMethod, MethodConfig
 from ftlab.methods.freeze import decoder_blocks
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ftlab.classification import is_classifier
+from ftlab.evaluation.classification import is_classifier
 from ftlab.errors import ConfigError
-from ftlab.method import BaseMethod, MethodConfig
+from ftlab.methods.base import BaseMethod, MethodConfig
 
 
 @dataclass

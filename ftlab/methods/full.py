@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ftlab.method import BaseMethod, MethodConfig
+from ftlab.methods.base import BaseMethod, MethodConfig
 
 
 @dataclass

@@ -8,8 +8,8 @@ from typing import Any
 import peft
 from torch import nn
 
-from ftlab.method import MethodConfig
-from ftlab.peft_method import PeftMethod, module_names
+from ftlab.methods.base import MethodConfig
+from ftlab.methods.peft_base import PeftMethod, module_names
 
 
 @dataclass

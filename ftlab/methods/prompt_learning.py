@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ftlab.method import QUANTIZATIONS, MethodConfig
-from ftlab.peft_method import PeftMethod
+from ftlab.methods.base import QUANTIZATIONS, MethodConfig
+from ftlab.methods.peft_base import PeftMethod
 
 
 @dataclass

@@ -1,0 +1,77 @@
+"""``ftlab eval RUN_DIR [OVERRIDES]``: evaluate a finished run again, on its data or other data.
+
+The run's config is composed again from its recorded overrides (``.hydra/overrides.yaml``), so
+the base model, quantization, method and data are exactly those it trained with; the extra
+overrides change what is evaluated (``data.path=other.jsonl``, ``eval.num_prompts=200``,
+``eval.checker=normalized``). The trained artifact is loaded onto a fresh base through the
+method's own ``load``; the result (validation loss, exact match of base and fine-tuned model or
+the classification metrics) is printed and written to ``RUN_DIR/eval.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["evaluate_run"]
+
+log = logging.getLogger("ftlab")
+EVAL_FILE = "eval.json"
+
+
+def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Validation loss and scores of the run's trained model; also written to ``eval.json``."""
+    import pytorch_lightning as pl
+
+    from ftlab.build import final_scores, generation_records, score_base
+    from ftlab.module import FineTuneModule
+    from ftlab.results import write_json
+    from ftlab.deploy.run_loading import open_run
+
+    finished = open_run(run_dir, overrides)
+    run_dir, cfg, datamodule, labels = finished.run_dir, finished.cfg, finished.datamodule, finished.labels
+    method, base, tokenizer = finished.load_base()
+    base_score = score_base(cfg, base, tokenizer, datamodule)
+    model = finished.load_trained(method, base)
+    context = getattr(model.config, "max_position_embeddings", None)
+    datamodule.connect(tokenizer, max_length=context, cache_dir=cfg.paths.cache_dir, packing=False)
+    module = FineTuneModule(model, method, optimizer=None, labels=labels)  # type: ignore[arg-type]
+    trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=True, enable_model_summary=False)
+    (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    result: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "overrides": list(overrides),
+        "method": cfg.method.name,
+        "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
+        **final_scores(cfg, model, tokenizer, method, classification=module.classification_metrics,
+                       records=generation_records(cfg, datamodule), base_score=base_score),
+        "data": datamodule.summary(),
+    }
+    write_json(run_dir / EVAL_FILE, result)
+    return result
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The headline numbers of an evaluation, one per line."""
+    lines = [f"run: {result['run_dir']} (method {result['method']})"]
+    if result.get("val_loss") is not None:
+        lines.append(f"validation loss: {result['val_loss']:.4f}")
+    if result.get("exact_match") is not None:
+        gen = result["generation"]
+        base = result.get("base_exact_match")
+        lines.append(
+            f"{gen['checker']} match on {gen['prompts']} held-out prompts: fine-tuned {result['exact_match']:.3f}"
+            + (f", base {base:.3f}" if base is not None else "")
+        )
+    if result.get("accuracy") is not None:
+        lines.append(
+            f"accuracy {result['accuracy']:.4f}, macro precision {result['precision']:.4f}, "
+            f"recall {result['recall']:.4f}, F1 {result['f1']:.4f}"
+        )
+        for label, v in result["classification"]["per_class"].items():
+            lines.append(f"  {label}: precision {v['precision']:.3f} recall {v['recall']:.3f} F1 {v['f1']:.3f} (n={v['support']})")
+    lines.append(f"written to {Path(result['run_dir']) / EVAL_FILE}")
+    return lines

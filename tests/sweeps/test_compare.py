@@ -1,0 +1,173 @@
+"""Sweep comparison: table, CSV and plot from job records; resume skips completed jobs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ftlab.sweeps.compare import load_runs, markdown_table, write_comparison
+from ftlab.results import write_metrics
+
+
+def _job(root: Path, num: int, method: str, seed: int, val: float, status: str = "completed") -> None:
+    record = {"method": method, "seed": seed, "status": status, "job_num": num, "max_steps": 5,
+              "overrides": [f"method={method}", f"seed={seed}", "model=tiny"], "val_loss": val,
+              "trainable_params": 100 if method == "lora" else 1000, "peak_rss_mb": 500.0 + num,
+              "tokens_per_s": 10.0, "wall_s": 1.0, "train_tokens": 2000}
+    if status == "failed":
+        record |= {"val_loss": None, "error": "RuntimeError: boom"}
+    write_metrics(root / f"{num}_{method}", record)
+
+
+def _sweep(root: Path) -> Path:
+    for num, (method, seed, val) in enumerate(
+        [("full", 0, 1.0), ("full", 1, 1.2), ("lora", 0, 2.0), ("lora", 1, 2.2), ("lora", 2, 0.0)]
+    ):
+        _job(root, num, method, seed, val, status="failed" if num == 4 else "completed")
+    for num in range(10, 12):  # job 10 sorts after job 2 by number, before it by name
+        _job(root, num, "full", num, 1.1)
+    return root
+
+
+def test_table_groups_by_method_with_mean_and_spread(tmp_path: Path) -> None:
+    rows = load_runs([_sweep(tmp_path)])
+    assert [r["job_num"] for r in rows] == [0, 1, 2, 3, 4, 10, 11]
+    table = markdown_table(rows)
+    assert "| method=full | 4 | 0 | 1.1000 ± 0.0816 | 1,000 ± 0 |" in table
+    assert "| method=lora | 2 | 1 | 2.1000 ± 0.1414 | 100 ± 0 |" in table
+    assert "Budget: max_steps=5, 2,000 training tokens per job" in table
+    assert "RuntimeError: boom" in table
+
+
+def test_write_comparison_files(tmp_path: Path) -> None:
+    table = write_comparison([_sweep(tmp_path)], tmp_path / "out")
+    with (tmp_path / "out" / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3", "4", "10", "11"]
+    assert rows[4]["status"] == "failed" and rows[4]["error"] == "RuntimeError: boom"
+    png = (tmp_path / "out" / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (tmp_path / "out" / "comparison.md").read_text() == table
+
+
+def test_compare_cli_across_sweeps(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _job(a, 0, "lora", 0, 2.0)
+    _job(b, 0, "full", 0, 1.0)
+    out = subprocess.run([sys.executable, "-m", "ftlab", "compare", str(a), str(b), "--out", str(tmp_path / "c")],
+                         capture_output=True, text=True, timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert "method=lora" in out.stdout and "method=full" in out.stdout
+    assert (tmp_path / "c" / "comparison.png").exists()
+    missing = subprocess.run([sys.executable, "-m", "ftlab", "compare", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "nope: no such sweep folder" in missing.stderr
+
+
+def test_sweep_writes_comparison_and_resume_skips_completed_jobs(tmp_path: Path, cache_dir: Path) -> None:
+    args = [sys.executable, "-m", "ftlab", "-m", "method=full,lora,qlora", "seed=0,1", "model=tiny",
+            "trainer.max_steps=3", "data.num_train=48", "data.num_val=16", f"paths.cache_dir={cache_dir}"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    for name in ("results.csv", "comparison.md", "comparison.png"):
+        assert (sweep / name).exists(), name
+    table = (sweep / "comparison.md").read_text()
+    for method in ("full", "lora", "qlora"):
+        assert f"| method={method} | 2 | 0 |" in table
+
+    # an interrupted sweep: two jobs never finished
+    interrupted = [sweep / "1_full" / "metrics.json", sweep / "4_qlora" / "metrics.json"]
+    mtimes = {p: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json") if p not in interrupted}
+    for p in interrupted:
+        p.unlink()
+    second = subprocess.run([*args, "resume=true"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming the sweep in {sweep.relative_to(tmp_path)}" in second.stderr
+    assert second.stderr.count("already completed, skipping") + second.stdout.count("already completed, skipping") == 4
+    for p in interrupted:
+        assert json.loads(p.read_text())["status"] == "completed"
+    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items()), "a completed job was re-run"
+    assert list((tmp_path / "outputs" / "multirun").iterdir()) == [sweep]
+
+
+def test_optuna_search_reports_best_trial(tmp_path: Path, cache_dir: Path) -> None:
+    sweep = tmp_path / "optuna"
+    out = subprocess.run(
+        [sys.executable, "-m", "ftlab", "-m", "+sweep=optuna", "method=lora", "model=tiny", "trainer.max_steps=2",
+         "data.num_train=48", "data.num_val=16", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}",
+         f"paths.cache_dir={cache_dir}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Best parameters: {'method.lr':" in out.stdout + out.stderr
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in best
+    values = [json.loads(p.read_text())["val_loss"] for p in sweep.glob("*/metrics.json")]
+    assert len(values) == 3
+    assert f"best_value: {min(values)}" in best
+    assert (sweep / "comparison.md").exists()
+
+
+def test_optuna_prunes_a_bad_trial_and_records_it(tmp_path: Path, cache_dir: Path) -> None:
+    # lr=1e-7 barely moves the loss: once two trials have finished, it is worse than their median
+    # at step 2 and its job stops there; lr=3e-3 trials run the full 6 steps.
+    sweep = tmp_path / "pruned"
+    out = subprocess.run(
+        [sys.executable, "-m", "ftlab", "-m", "+sweep=optuna", "method=lora", "model=tiny", "trainer.max_steps=6",
+         "trainer.val_check_interval=2", "data.num_train=48", "data.num_val=16", "method.lr=choice(0.003,0.0000001)",
+         "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache_dir}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = load_runs([sweep])
+    pruned = [r for r in rows if r["status"] == "pruned"]
+    assert pruned and all(r["steps"] == r["pruned_at_step"] == 2 for r in pruned)
+    assert all("method.lr=1e-07" in r["overrides"] for r in pruned)
+    assert all(r["steps"] == 6 for r in rows if r["status"] == "completed")
+    assert "Failed experiment" not in out.stdout + out.stderr
+    assert "Best parameters: {'method.lr': 0.003}" in out.stdout + out.stderr
+    table = (sweep / "comparison.md").read_text()
+    assert "| run | completed | failed | pruned |" in table
+
+
+def test_pruned_trial_is_told_to_optuna_as_pruned() -> None:
+    import optuna
+    import torch
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from ftlab.sweeps.pruning import OptunaPruning, track_trial
+
+    study = optuna.create_study()
+    cfg = OmegaConf.create({"pruner": {"_target_": "optuna.pruners.ThresholdPruner", "upper": 1.0}})
+    good, bad = study.ask(), study.ask()
+    track_trial(cfg, good)
+    track_trial(cfg, bad)
+    assert isinstance(study.pruner, optuna.pruners.ThresholdPruner)
+    for trial, loss in [(good, 0.5), (bad, 5.0)]:
+        trainer = SimpleNamespace(callback_metrics={"val/loss": torch.tensor(loss)}, sanity_checking=False,
+                                  global_step=3, should_stop=False)
+        callback = OptunaPruning(trial)
+        callback.on_validation_end(trainer, None)
+        assert trainer.should_stop == (trial is bad)
+        assert callback.pruned_at_step == (3 if trial is bad else None)
+        study.tell(trial, loss)  # what the sweeper does with the job's return value
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert study.best_value == 0.5
+
+
+def test_pruner_null_turns_pruning_off() -> None:
+    import optuna
+    from omegaconf import OmegaConf
+
+    from ftlab.sweeps.pruning import track_trial
+
+    study = optuna.create_study()
+    track_trial(OmegaConf.create({"pruner": None}), study.ask())
+    assert isinstance(study.pruner, optuna.pruners.NopPruner)
