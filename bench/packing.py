@@ -22,12 +22,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from ftlab.models import loading as models
 from ftlab.data.chat_masking import encode_chat, num_label_tokens
 from ftlab.data.datamodule import PadCollator, pad_id_of
 from ftlab.data.packing import PackedCollator, pack, real_tokens
 from ftlab.data.synthetic import default_splits
-from ftlab.models.loading import TINY_TOKENIZER_DIR, load_tokenizer, tiny_checkpoint
+from ftlab.models.loading import load_tokenizer
+from ftlab.models.tiny import TINY_DEFAULTS, TINY_TOKENIZER_DIR, tiny_checkpoint
 
 MAX_LENGTH = 256
 
@@ -74,7 +74,7 @@ def main() -> None:
     print(f"padding removed            {stats.padding_removed:.1%}")
 
     with tempfile.TemporaryDirectory() as cache:
-        cfg = OmegaConf.create({"kind": "tiny", **models.TINY_DEFAULTS})
+        cfg = OmegaConf.create({"kind": "tiny", **TINY_DEFAULTS})
         model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(cfg, cache)).train()
     pad = PadCollator(pad_id_of(tokenizer))
     packed = PackedCollator(pad_id_of(tokenizer))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from omegaconf import DictConfig
 
@@ -45,6 +45,54 @@ def task_of(cfg: DictConfig) -> str:
     return str(cfg.task.name) if cfg.get("task") else "causal_lm"
 
 
+def strategy_of(cfg: DictConfig) -> tuple[str, str]:
+    """The ``trainer.strategy`` of a composed config as a name (what a method's
+    ``refused_strategies`` is matched against) and as it is shown in an error.
+
+    A name is kept as written (``ddp_spawn``); a ``_target_`` node is named by its class,
+    lowercased, without ``Strategy`` (``DDPStrategy`` -> ``ddp``); ``auto`` is ``ddp``, as
+    Lightning resolves it, when ``trainer.num_nodes`` > 1 or ``trainer.devices`` names more than
+    one device (``2``, ``[0, 1]``, ``"0,1"``); otherwise (one device, or ``-1``/``auto``, whose
+    count only the machine knows) it stays ``auto``."""
+    trainer = cfg.get("trainer") or {}
+    strategy = trainer.get("strategy", "auto")
+    if isinstance(strategy, DictConfig):
+        target = str(strategy.get("_target_", "")).rsplit(".", 1)[-1]
+        name = (target.removesuffix("Strategy") or target).lower()
+        return name, f"{name} ({target})"
+    name = str(strategy)
+    if name == "auto":
+        devices, nodes = _device_count(trainer.get("devices", 1)), trainer.get("num_nodes", 1)
+        nodes = nodes if isinstance(nodes, int) and nodes > 1 else 1
+        if devices > 1 or nodes > 1:
+            return "ddp", f"auto (ddp over {devices} device(s) x {nodes} node(s))"
+    return name, name
+
+
+def _device_count(devices: Any) -> int:
+    """How many devices ``trainer.devices`` names; 1 when only the machine knows (-1, ``auto``)."""
+    if isinstance(devices, int):
+        return max(devices, 1)
+    if isinstance(devices, str):
+        indices = [d for d in devices.split(",") if d.strip()]
+        if "," in devices:  # "0,1": device indices ("0," is device 0 alone)
+            return len(indices)
+        return int(devices) if devices.strip().isdigit() else 1
+    try:
+        return len(devices)  # a list of device indices
+    except TypeError:
+        return 1
+
+
+def refused_strategy(refused: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    """The entry of a method's ``refused_strategies`` that refuses strategy ``name``: a key equal
+    to it or a prefix of it followed by ``_`` (``ddp`` refuses ``ddp_spawn``, not ``deepspeed``)."""
+    for key, reason in refused.items():
+        if name == key or name.startswith(f"{key}_"):
+            return key, str(reason)
+    return None
+
+
 def validate(cfg: DictConfig) -> "MethodInfo":
     """Checks that need the whole composed config; run before anything heavy is loaded."""
     from ftlab.errors import ConfigError
@@ -68,5 +116,9 @@ def validate(cfg: DictConfig) -> "MethodInfo":
         raise ConfigError(
             f"method '{info.name}' cannot train task={task}; it trains task={' | '.join(info.cls.tasks)}"
         )
+    strategy, shown = strategy_of(cfg)
+    refused = refused_strategy(info.cls.refused_strategies, strategy)
+    if refused is not None:
+        raise ConfigError(f"method '{info.name}' cannot train with trainer.strategy={shown}: {' '.join(refused[1].split())}")
     info.cls.check_config(cfg)
     return info

@@ -22,6 +22,12 @@ class MethodError(FtlabError):
     method cannot honour (e.g. merging prompt tuning into weights)."""
 
 
+class ModelStructureError(ConfigError):
+    """A part of the model a method needs (its decoder blocks, final norm, a block's attention or
+    MLP) cannot be found in it (raised by ``ftlab.models.structure``): the model's architecture
+    does not fit the method as configured."""
+
+
 class DataError(FtlabError):
     """A data file or record does not have the expected shape (raised by ``ftlab.data``)."""
 

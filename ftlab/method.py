@@ -1,7 +1,18 @@
-"""Public API for method plugins: the method hooks and their config base (``ftlab.methods.base``).
+"""Public API for method plugins: the method hooks and their config base.
 
-Plugins import from here; the module behind it may move, this name stays.
+Plugins import from here; the module behind it (``ftlab.methods.base``) may move, this name stays.
 """
 
-from ftlab.methods.base import *  # noqa: F401,F403
-from ftlab.methods.base import __all__  # noqa: F401
+from ftlab.methods.base import (
+    QUANTIZATIONS,
+    TASKS,
+    BaseMethod,
+    MethodConfig,
+    config_fields,
+    field_default,
+    field_help,
+    reset_optimizer_state,
+)
+
+__all__ = ["BaseMethod", "MethodConfig", "QUANTIZATIONS", "TASKS", "config_fields", "field_default", "field_help",
+           "reset_optimizer_state"]

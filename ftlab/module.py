@@ -2,6 +2,13 @@
 
 Methods differ only in what they do to the model (``apply``) and in the hooks of
 ``ftlab.methods.base.BaseMethod``; the loop, logging and optimizer wiring are shared here.
+
+Per optimizer step ``k`` (``global_step`` = the steps completed before it), Lightning's order with
+the method's hooks is: ``on_train_step_start(model, optimizer, k)`` (from ``on_train_batch_start``
+of the first batch of the accumulation window), then for each batch of the window ``loss``,
+``zero_grad`` (first batch only) and backward, then ``optimizer.step()`` and
+``on_step_end(model, k)``. What the method logs during training goes to Lightning's
+``self.log("method/<name>")`` and its last value into ``method_metrics``, for ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -36,13 +43,35 @@ class FineTuneModule(pl.LightningModule):
         # classification: accuracy/precision/recall/F1 of the last validation, for metrics.json
         self.metrics = ClassificationMetrics(labels) if labels is not None else None
         self.classification_metrics: dict[str, Any] = {}
+        # what the method logged during training: the last value of each name, for metrics.json
+        self.method_metrics: dict[str, float] = {}
+        self._step_started = -1  # the global_step whose on_train_step_start has run
+        method._log_sink = self._log_method_metric
+
+    def _log_method_metric(self, name: str, value: float) -> None:
+        """``BaseMethod.log``'s destination: kept and logged while the training loop runs, dropped
+        otherwise (validation, generation, before or after ``fit``)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.training:
+            return
+        self.method_metrics[name] = value
+        self.log(f"method/{name}", value, on_step=True, on_epoch=False, batch_size=1)
 
     def on_fit_start(self) -> None:
+        self._step_started = -1  # a second fit starts its steps over
         # a model built outside ftlab.models.loading.load_model (a plugin's own) is guarded here too
         keep_standard_4bit_layout(self.model)
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # once per optimizer step: on the first batch of its accumulation window, before its forward
+        # (global_step only moves after the window's optimizer step)
+        if self.global_step != self._step_started:
+            self._step_started = self.global_step
+            optimizer = self.optimizers(use_pl_optimizer=False)
+            self.method.on_train_step_start(self.model, optimizer, self.global_step)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.method.loss(self.model, batch)
@@ -79,6 +108,9 @@ class FineTuneModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         groups = self.method.parameter_groups(self.model, self.method.config.lr)
+        # groups may hold frozen parameters (a method that unfreezes them later), never only those
+        groups = [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
+                  for g in groups]
         if not any(p.requires_grad for g in groups for p in g["params"]):
             raise MethodError(f"method '{self.method.config.name}' left no trainable parameter")
         optimizer = self.optimizer_factory(groups)

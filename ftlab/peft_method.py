@@ -1,7 +1,8 @@
-"""Public API for method plugins: the base of PEFT tuners (``ftlab.methods.peft_base``).
+"""Public API for method plugins: the base of PEFT tuners.
 
-Plugins import from here; the module behind it may move, this name stays.
+Plugins import from here; the module behind it (``ftlab.methods.peft_base``) may move, this name stays.
 """
 
-from ftlab.methods.peft_base import *  # noqa: F401,F403
-from ftlab.methods.peft_base import __all__  # noqa: F401
+from ftlab.methods.peft_base import PeftMethod, is_quantized, merge_dequantized, module_names
+
+__all__ = ["PeftMethod", "is_quantized", "merge_dequantized", "module_names"]

@@ -4,14 +4,15 @@ Two groups: ``ftlab.methods`` (name = a method class) and ``ftlab.presets`` (val
 whose ``*.yaml`` files are presets: a defaults list that starts from a registered method, plus
 the fields it sets, e.g. ``lora_r64``). Built-in methods and presets are declared in ftlab's own
 pyproject and travel the same path as third-party ones. A plugin that fails to import (or breaks
-the contract) is recorded with its reason and left out; every other method keeps working.
+the contract) is recorded with its reason and left out; every other method keeps working. The
+loading loop and the lookup by name are ``ftlab.plugins``'s, shared with checkers and augmentations;
+what is method-specific here is the validation (``_method_info``), presets and the ConfigStore.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import traceback
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from typing import Any, Iterable, List, Sequence
@@ -19,8 +20,9 @@ from typing import Any, Iterable, List, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.errors import MethodError
+from ftlab.errors import FtlabError, MethodError
 from ftlab.methods.base import BaseMethod, MethodConfig, config_fields, field_default
+from ftlab.plugins import Discovered, discover_group, load_failure
 
 ENTRY_POINT_GROUP = "ftlab.methods"
 PRESET_GROUP = "ftlab.presets"
@@ -58,28 +60,27 @@ class PresetInfo:
 
 
 @dataclass
-class Registry:
-    methods: dict[str, MethodInfo] = field(default_factory=dict)
-    presets: dict[str, PresetInfo] = field(default_factory=dict)
-    broken: dict[str, str] = field(default_factory=dict)  # entry-point or preset name -> reason
+class Registry(Discovered[MethodInfo]):
+    """The discovered methods (``found``, also as ``methods``), presets, and broken plugins; entry
+    points and presets that failed are both in ``broken``."""
 
-    def get(self, name: str) -> MethodInfo:
+    kind: str = "method"
+    error: type[FtlabError] = MethodError
+    presets: dict[str, PresetInfo] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> dict[str, MethodInfo]:
+        return self.found
+
+    def get(self, name: str, where: str = "") -> MethodInfo:
         """The method ``name`` selects: itself, or the method a preset starts from."""
         if name in self.presets:
-            return self.methods[self.presets[name].base]
-        if name in self.methods:
-            return self.methods[name]
-        if name in self.broken:
-            raise MethodError(f"method '{name}' is installed but could not be loaded: {self.broken[name]}")
-        raise MethodError(f"unknown method '{name}'. {self.describe_installed()}")
+            return self.found[self.presets[name].base]
+        return super().get(name, where)
 
-    def describe_installed(self) -> str:
-        text = "Installed methods: " + ", ".join(sorted(self.methods)) + "."
-        if self.presets:
-            text += " Presets: " + ", ".join(sorted(self.presets)) + "."
-        if self.broken:
-            text += " Broken plugins: " + "; ".join(f"{n} ({r})" for n, r in sorted(self.broken.items()))
-        return text
+    def _installed(self) -> list[str]:
+        presets = [f"Presets: {', '.join(sorted(self.presets))}."] if self.presets else []
+        return super()._installed() + presets
 
     def check_field(self, method: str, key: str) -> None:
         """Raise a MethodError naming ``key`` and the valid fields when ``method`` has no such field."""
@@ -116,6 +117,19 @@ def _validate(name: str, obj: Any) -> type[BaseMethod]:
     return obj
 
 
+def _method_info(ep: metadata.EntryPoint, obj: Any) -> MethodInfo:
+    """The validation of the ``ftlab.methods`` group: a method class and its config node."""
+    cls = _validate(ep.name, obj)
+    package, version = _provider(ep)
+    return MethodInfo(name=ep.name, cls=cls, package=package, version=version, config_node=_config_node(ep.name, cls))
+
+
+def _provider(ep: metadata.EntryPoint) -> tuple[str, str]:
+    """The distribution that declares ``ep`` and its version (its top-level module and '' when unknown)."""
+    dist = getattr(ep, "dist", None)
+    return (dist.name, dist.version) if dist is not None else (ep.value.split(".")[0], "")
+
+
 def discover(
     entry_points: Iterable[metadata.EntryPoint] | None = None,
     preset_entry_points: Iterable[metadata.EntryPoint] | None = None,
@@ -129,27 +143,8 @@ def discover(
         entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
         if preset_entry_points is None:
             preset_entry_points = metadata.entry_points(group=PRESET_GROUP)
-    eps = list(entry_points)
-    registry = Registry()
-    for ep in sorted(eps, key=lambda e: e.name):
-        if ep.name in registry.methods or ep.name in registry.broken:
-            registry.broken[ep.name] = f"duplicate method name '{ep.name}' (from {ep.value})"
-            registry.methods.pop(ep.name, None)
-            continue
-        try:
-            cls = _validate(ep.name, ep.load())
-        except Exception as exc:  # a plugin's import error must not take ftlab down
-            last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            registry.broken[ep.name] = f"{ep.value}: {last}"
-            continue
-        dist = getattr(ep, "dist", None)
-        registry.methods[ep.name] = MethodInfo(
-            name=ep.name,
-            cls=cls,
-            package=dist.name if dist is not None else ep.value.split(".")[0],
-            version=dist.version if dist is not None else "",
-            config_node=_config_node(ep.name, cls),
-        )
+    found = discover_group(ENTRY_POINT_GROUP, "method", MethodError, _method_info, entry_points)
+    registry = Registry(found=found.found, broken=found.broken)
     for ep in sorted(preset_entry_points or [], key=lambda e: e.name):
         _load_presets(registry, ep)
     return registry
@@ -157,12 +152,11 @@ def discover(
 
 def _load_presets(registry: Registry, ep: metadata.EntryPoint) -> None:
     """Read every ``*.yaml`` of the package ``ep`` points at as a preset of the method group."""
-    dist = getattr(ep, "dist", None)
-    package = dist.name if dist is not None else ep.value.split(".")[0]
+    package, version = _provider(ep)
     try:
         files = sorted((f for f in resources.files(ep.value).iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
     except Exception as exc:
-        registry.broken[f"presets:{ep.name}"] = f"{ep.value}: {traceback.format_exception_only(type(exc), exc)[-1].strip()}"
+        registry.broken[f"presets:{ep.name}"] = load_failure(ep, exc)
         return
     for path in files:
         name = path.name.removesuffix(".yaml")
@@ -174,9 +168,7 @@ def _load_presets(registry: Registry, ep: metadata.EntryPoint) -> None:
             registry.broken[name] = f"preset {ep.value}/{path.name}: {exc}"
             continue
         comments = [line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")]
-        registry.presets[name] = PresetInfo(
-            name, preset, package, dist.version if dist is not None else "", comments[0] if comments else "", node,
-        )
+        registry.presets[name] = PresetInfo(name, preset, package, version, comments[0] if comments else "", node)
 
 
 def _preset(name: str, node: Any, registry: Registry) -> str:

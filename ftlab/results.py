@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import torch
 
+from ftlab.cache import atomic_write_json
+
 METRICS_FILE = "metrics.json"
 
 
@@ -87,12 +89,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> Path:
-    """Write a JSON record atomically: a crash mid-write never leaves a half file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write a JSON record atomically: a crash mid-write never leaves a half file behind
+    (non-finite floats become null and tensors numbers, so the record is strict JSON)."""
+    return atomic_write_json(path, _json_safe(obj))
 
 
 def write_metrics(directory: Path, metrics: dict[str, Any]) -> Path:

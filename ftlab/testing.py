@@ -18,9 +18,10 @@ reason, never as passed. What each check guarantees:
   the loaded base model requires grad after ``apply`` (matched by identity, so wrapped layers
   count too).
 - ``check_steps_change_only_trainable``: ``CHANGE_STEPS`` optimizer steps through the method's
-  own ``parameter_groups``, ``loss`` and ``on_step_end`` change every trainable parameter and no
-  frozen one (AdamW without weight decay, so an untouched parameter stays bit-identical; two
-  steps, because LoRA's A gets a gradient only once B has left zero).
+  own ``parameter_groups``, ``on_train_step_start``, ``loss`` and ``on_step_end`` change every
+  parameter that required grad at the forward of some step and no other one (AdamW without
+  weight decay, so an untouched parameter stays bit-identical; two steps, because LoRA's A gets a
+  gradient only once B has left zero).
 - ``check_loss_falls``: at the method's own learning rate the loss on one fixed batch falls by at
   least ``LOSS_MIN_DROP`` (relative) within ``LOSS_MAX_STEPS`` steps (measured in eval mode,
   without dropout, every ``LOSS_ROUND`` steps).
@@ -32,6 +33,15 @@ reason, never as passed. What each check guarantees:
   (``MERGE_ATOL``; on a quantized base, those of the model computing with its dequantized
   weights, since int8 inference also quantizes activations); a method with ``cannot_merge`` refuses with a MethodError giving its reason;
   a method whose trained model already is the plain model (full, freeze) is skipped.
+- ``check_training_hooks``: a real Lightning run through ftlab's training module
+  (``HOOK_STEPS`` optimizer steps of ``HOOK_ACCUMULATE`` batches each) calls
+  ``on_train_step_start(model, optimizer, k)`` then ``on_step_end(model, k)`` once per optimizer
+  step ``k = 0, 1, ...``, with the model that trains and the run's optimizer; after
+  ``on_train_step_start`` every parameter that requires grad is held by that optimizer (a method
+  that unfreezes parameters later returns them from ``parameter_groups``); and every metric the
+  method declares in ``metrics`` was logged during training, reaching the run's logger as
+  ``method/<name>`` and the training module's ``method_metrics`` (``metrics.json``'s
+  ``method_metrics`` is written from it).
 - ``check_quantized_base``: on each quantized base the method claims (``nf4``, ``fp4``, ``int8``;
   the others are skipped), the base really is held quantized, stays frozen, and the steps,
   save/load and merge checks hold there too.
@@ -39,12 +49,17 @@ reason, never as passed. What each check guarantees:
   trainable parameters match those of the same model with every quantized layer replaced by a
   float ``nn.Linear`` holding the dequantized weights (``GRAD_RTOL``), before and after an
   eval-mode pass (bitsandbytes' CPU inference repack dropped those gradients).
+
+For a method's own tests: ``train_steps(run, steps)`` takes optimizer steps on the fixed batch
+through every hook in a run's order and returns the optimizer (``make_optimizer(run)``) to
+continue with or to inspect.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -52,6 +67,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import pytest
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.loggers import Logger
 from torch import nn
 
 from ftlab.config import compose, task_of
@@ -74,6 +90,8 @@ QUANTIZED_CHECKED = ("nf4", "fp4", "int8")
 # and multiplies exactly as the float model does; int8 training dequantizes row-scaled int8.
 GRAD_RTOL = 1e-4
 QUANTIZED_COMPUTE = ("quantization.bnb_4bit_compute_dtype=float32",)
+HOOK_STEPS = 3  # optimizer steps of the training run check_training_hooks watches
+HOOK_ACCUMULATE = 2  # batches per optimizer step there (the hooks run once per step, not per batch)
 GRAD_SEED = 1234
 
 
@@ -161,29 +179,50 @@ def changed_parameters(model: nn.Module, before: Mapping[str, torch.Tensor]) -> 
     return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
 
 
-def _step(run: ContractRun, optimizer: torch.optim.Optimizer, global_step: int) -> torch.Tensor:
-    """One optimizer step as a run takes it; ``on_step_end`` gets ``global_step`` as Lightning's
-    ``trainer.global_step`` is at that point: the steps completed before this one (0 first)."""
+def _step(run: ContractRun, optimizer: torch.optim.Optimizer, global_step: int,
+          trained: set[str] | None = None) -> torch.Tensor:
+    """One optimizer step in a run's order (``ftlab.module``): ``on_train_step_start``, ``loss``,
+    ``zero_grad``, backward, ``optimizer.step()``, ``on_step_end``. Both hooks get ``global_step``
+    as Lightning's ``trainer.global_step`` is then: the steps completed before this one (0 first).
+    ``trained`` collects the names of the parameters that require grad when the forward runs."""
     run.model.train()
+    run.method.on_train_step_start(run.model, optimizer, global_step)
+    if trained is not None:
+        trained.update(n for n, p in run.model.named_parameters() if p.requires_grad)
     loss = run.method.loss(run.model, run.batch)
+    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     run.method.on_step_end(run.model, global_step)
-    optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
-def _optimizer(run: ContractRun) -> torch.optim.Optimizer:
+def make_optimizer(run: ContractRun) -> torch.optim.Optimizer:
+    """The optimizer the contract trains with: AdamW without weight decay (an untouched parameter
+    stays bit-identical) over the method's ``parameter_groups`` at its own learning rate."""
     lr = float(run.method.config.lr)
     return torch.optim.AdamW(run.method.parameter_groups(run.model, lr), lr=lr, weight_decay=0.0)
 
 
+def train_steps(run: ContractRun, steps: int, optimizer: torch.optim.Optimizer | None = None,
+                first_step: int = 0) -> torch.optim.Optimizer:
+    """Take ``steps`` optimizer steps on the run's fixed batch, numbered ``first_step``,
+    ``first_step + 1``, ..., each through the method's hooks in a run's order (``on_train_step_start``,
+    ``loss``, ``zero_grad``, backward, ``optimizer.step()``, ``on_step_end``); return the optimizer
+    (``make_optimizer(run)`` unless given), to continue with or to inspect its state."""
+    optimizer = optimizer if optimizer is not None else make_optimizer(run)
+    for step in range(first_step, first_step + steps):
+        loss = _step(run, optimizer, step)
+        assert torch.isfinite(loss), f"{_who(run)}: training loss is {loss.item()} at step {step}"
+    return optimizer
+
+
 def check_steps_change_only_trainable(run: ContractRun, steps: int = CHANGE_STEPS) -> None:
     before = snapshot(run.model)
-    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
-    optimizer = _optimizer(run)
+    trainable: set[str] = set()  # what requires grad at the forward of any step (the hooks may change it)
+    optimizer = make_optimizer(run)
     for step in range(steps):
-        loss = _step(run, optimizer, step)
+        loss = _step(run, optimizer, step, trainable)
         assert torch.isfinite(loss), f"{_who(run)}: training loss is {loss.item()} at step {step + 1}"
     changed = changed_parameters(run.model, before)
     frozen_changed = sorted(changed - trainable)
@@ -205,7 +244,7 @@ def _train_until(run: ContractRun, measure: Callable[[], float], enough: float, 
                  limit: int) -> tuple[int, float]:
     """Train on the fixed batch ``every`` steps at a time until ``measure()`` reaches ``enough`` or
     ``limit`` steps have run; return the steps taken and the last measure."""
-    optimizer = _optimizer(run)
+    optimizer = make_optimizer(run)
     step, value = 0, 0.0
     while step < limit and value < enough:
         for _ in range(every):
@@ -232,7 +271,7 @@ def _logits(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
 
 def _train(run: ContractRun, steps: int = 2) -> None:
     """``steps`` optimizer steps on the fixed batch."""
-    optimizer = _optimizer(run)
+    optimizer = make_optimizer(run)
     for step in range(steps):
         _step(run, optimizer, step)
 
@@ -290,6 +329,136 @@ def check_merge(run: ContractRun, atol: float = MERGE_ATOL) -> None:
     assert not quantized, f"{_who(run)}: merged model still holds {len(quantized)} bitsandbytes layers"
     diff = (_logits(merged, run.inputs()) - expected).abs().max().item()
     assert diff <= atol, f"{_who(run)}: merged logits differ by {diff:.2e} (tolerance {atol})"
+
+
+# -- the hooks in a real training run ---------------------------------------------------------------
+
+
+class _MemoryLogger(Logger):
+    """A Lightning logger that keeps every metric it is given, for ``check_training_hooks``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "contract"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def last(self, key: str) -> float | None:
+        values = [m[key] for _, m in self.logged if key in m]
+        return float(values[-1]) if values else None
+
+
+class _FixedBatches(torch.utils.data.Dataset):
+    """The run's fixed batch, ``count`` times (a DataLoader with ``batch_size=None`` yields it as is)."""
+
+    def __init__(self, batch: Mapping[str, torch.Tensor], count: int) -> None:
+        self.batch, self.count = dict(batch), count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.batch
+
+
+@dataclass
+class HookCall:
+    """One call of a step hook during ``check_training_hooks``."""
+
+    hook: str  # "on_train_step_start" or "on_step_end"
+    global_step: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None  # on_train_step_start only
+    unheld: list[str]  # parameters requiring grad after the hook that the optimizer does not hold
+
+
+@contextlib.contextmanager
+def _spied_hooks(method: BaseMethod, calls: list[HookCall]) -> Iterator[None]:
+    """Record every call of the method's step hooks (the method's own code still runs)."""
+    start, end = method.on_train_step_start, method.on_step_end
+
+    def on_train_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, global_step: int) -> None:
+        start(model, optimizer, global_step)
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        unheld = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        calls.append(HookCall("on_train_step_start", global_step, model, optimizer, unheld))
+
+    def on_step_end(model: nn.Module, global_step: int) -> None:
+        end(model, global_step)
+        calls.append(HookCall("on_step_end", global_step, model, None, []))
+
+    shadowed = {k: vars(method)[k] for k in ("on_train_step_start", "on_step_end") if k in vars(method)}
+    method.on_train_step_start, method.on_step_end = on_train_step_start, on_step_end  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for key in ("on_train_step_start", "on_step_end"):
+            if key in shadowed:
+                setattr(method, key, shadowed[key])
+            else:
+                delattr(method, key)
+
+
+def check_training_hooks(run: ContractRun, directory: str | Path, steps: int = HOOK_STEPS,
+                         accumulate: int = HOOK_ACCUMULATE) -> list[HookCall]:
+    """Train ``steps`` optimizer steps of ``accumulate`` batches each through ftlab's training
+    module and a Lightning Trainer, and check what the method's hooks see and log: returns the
+    hook calls, in order."""
+    import pytorch_lightning as pl
+
+    from ftlab.module import FineTuneModule
+
+    calls: list[HookCall] = []
+    lr = float(run.method.config.lr)
+    module = FineTuneModule(run.model, run.method,
+                            optimizer=lambda groups: torch.optim.AdamW(groups, lr=lr, weight_decay=0.0))
+    logger = _MemoryLogger()
+    on_gpu = any(p.is_cuda for p in run.model.parameters())
+    trainer = pl.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=1, max_steps=steps,
+                         accumulate_grad_batches=accumulate, logger=logger, log_every_n_steps=1,
+                         limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(directory))
+    batches = torch.utils.data.DataLoader(_FixedBatches(run.batch, steps * accumulate), batch_size=None)
+    with _spied_hooks(run.method, calls), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*validation_step.* but have no `val_dataloader`")
+        trainer.fit(module, train_dataloaders=batches)
+
+    expected = [(hook, k) for k in range(steps) for hook in ("on_train_step_start", "on_step_end")]
+    got = [(c.hook, c.global_step) for c in calls]
+    assert got == expected, (
+        f"{_who(run)}: in {steps} optimizer steps of {accumulate} batches the step hooks were called as {got}, "
+        f"not once each per step in the documented order {expected}"
+    )
+    optimizer = trainer.optimizers[0]
+    for call in calls:
+        assert call.model is run.model, f"{_who(run)}: {call.hook} got another model than the one training"
+        if call.optimizer is not None:
+            assert call.optimizer is optimizer, (
+                f"{_who(run)}: on_train_step_start got {type(call.optimizer).__name__}, not the run's optimizer")
+        assert not call.unheld, (
+            f"{_who(run)}: after on_train_step_start at step {call.global_step}, parameters require grad that the "
+            f"optimizer does not hold (return every parameter that may train from parameter_groups): {call.unheld[:5]}"
+        )
+    for name in run.method.metrics:
+        assert name in module.method_metrics, (
+            f"{_who(run)}: declares metric '{name}' (metrics = {tuple(run.method.metrics)}) but logged no value for it "
+            f"during {steps} training steps: {name!r} would be missing from metrics.json's method_metrics"
+        )
+        shown = logger.last(f"method/{name}")
+        assert shown is not None, f"{_who(run)}: metric '{name}' never reached the run's logger as 'method/{name}'"
+    return calls
 
 
 # -- quantized bases ------------------------------------------------------------------------------
@@ -463,6 +632,9 @@ class MethodContract:
 
     def test_merge_gives_same_logits_or_says_why_not(self, run: ContractRun) -> None:
         check_merge(run)
+
+    def test_step_hooks_and_metrics_in_a_training_run(self, run: ContractRun, tmp_path: Path) -> None:
+        check_training_hooks(run, tmp_path / "hooks")
 
     @pytest.mark.parametrize("quant", QUANTIZED_CHECKED)
     def test_quantized_base_trains_saves_and_loads(self, quant: str, contract_cache: Path, tmp_path: Path) -> None:

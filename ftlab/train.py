@@ -99,6 +99,8 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
         **loss_summary(run.module.train_losses),
         "tokens_per_s": round(throughput.tokens_per_s, 1),
         "train_tokens": throughput.tokens,
+        # the last value of each metric the method logged during training (BaseMethod.log)
+        "method_metrics": dict(run.module.method_metrics),
     }
     if pruning is not None:
         result["pruned_at_step"] = pruning.pruned_at_step
@@ -168,6 +170,7 @@ def _base_record(cfg: DictConfig) -> dict[str, Any]:
         "tokens_per_s": None,
         "wall_s": None,
         "max_steps": cfg.trainer.max_steps,
+        "method_metrics": None,
     }
     if HydraConfig.initialized():
         hc = HydraConfig.get()

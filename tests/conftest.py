@@ -22,9 +22,9 @@ def tiny_model_dir(cache_dir: Path) -> Path:
     """The tiny random Llama written once as a checkpoint folder (weights and tokenizer)."""
     from omegaconf import OmegaConf
 
-    from ftlab.models import loading as models
+    from ftlab.models.tiny import TINY_DEFAULTS, tiny_checkpoint
 
-    return models.tiny_checkpoint(OmegaConf.create({"name": "tiny", "kind": "tiny", **models.TINY_DEFAULTS}), cache_dir)
+    return tiny_checkpoint(OmegaConf.create({"name": "tiny", "kind": "tiny", **TINY_DEFAULTS}), cache_dir)
 
 
 @pytest.fixture

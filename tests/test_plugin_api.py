@@ -12,6 +12,7 @@ one: ``from ftlab.config import compose`` is public, ``from ftlab.config import 
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -22,7 +23,8 @@ PLUGIN = ROOT / "plugins" / "ftlab-lorafa"
 DOC = ROOT / "docs" / "plugins.md"
 
 # A module (anything in it may be imported) or one name in a module (only that name).
-PUBLIC_API = ("ftlab.method", "ftlab.peft_method", "ftlab.errors", "ftlab.testing", "ftlab.config.compose")
+PUBLIC_API = ("ftlab.method", "ftlab.peft_method", "ftlab.errors", "ftlab.testing", "ftlab.models.structure",
+              "ftlab.config.compose")
 
 _STRING_IMPORTERS = {"import_module", "__import__", "importorskip"}
 
@@ -99,7 +101,9 @@ def test_the_doc_names_the_same_public_api() -> None:
     ("if True:\n    __import__('ftlab.models')\n", ["ftlab.models"]),
     # public: whole modules, a public module's names and submodules, and the one public name of ftlab.config
     ("from ftlab.method import MethodConfig\nimport ftlab.peft_method\nfrom ftlab import testing\n"
-     "from ftlab.testing import *\nfrom ftlab.errors import ConfigError\nfrom ftlab.config import compose\n", []),
+     "from ftlab.testing import *\nfrom ftlab.errors import ConfigError\nfrom ftlab.config import compose\n"
+     "from ftlab.models.structure import decoder_blocks\n", []),
+    ("from ftlab.models import structure, loading\n", ["ftlab.models.loading"]),  # a public submodule only
     # not ftlab at all, and relative imports inside the plugin's package
     ("import ftlabx\nfrom ftlab_lorafa import LoraFA\nfrom . import presets\nfrom .x import ftlab\n", []),
 ])
@@ -114,3 +118,12 @@ def test_the_doc_check_sees_a_missing_or_extra_name() -> None:
     sentence = "ftlab's public API for a plugin is: `ftlab.method`, `ftlab.testing` and `ftlab.config.compose`. More."
     assert documented_public_api(sentence) == {"ftlab.method", "ftlab.testing", "ftlab.config.compose"}
     assert documented_public_api(sentence) != set(PUBLIC_API)
+
+
+@pytest.mark.parametrize("public, behind", [("ftlab.method", "ftlab.methods.base"),
+                                            ("ftlab.peft_method", "ftlab.methods.peft_base")])
+def test_public_names_re_export_everything_behind_them(public: str, behind: str) -> None:
+    front, back = importlib.import_module(public), importlib.import_module(behind)
+    assert sorted(front.__all__) == sorted(back.__all__)
+    for name in back.__all__:
+        assert getattr(front, name) is getattr(back, name), name

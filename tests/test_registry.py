@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from ftlab.config import compose
-from ftlab.registry import ENTRY_POINT_GROUP, PRESET_GROUP, MethodError, discover, get_registry
+from ftlab.data import augment
+from ftlab.errors import ConfigError, DataError
+from ftlab.evaluation import checkers
+from ftlab.registry import ENTRY_POINT_GROUP, PRESET_GROUP, MethodError, Registry, discover, get_registry
 
 BUILTIN = {"full", "freeze", "lora", "qlora"}
 
@@ -151,3 +154,60 @@ def test_preset_package_that_does_not_import_is_reported(tmp_path: Path) -> None
     registry = discover(_builtin_eps(), [ep])
     assert "ModuleNotFoundError" in registry.broken["presets:gone"]
     assert set(registry.methods) == BUILTIN
+
+
+# -- the lookup every plugin group shares (methods, checkers, augmentations) ---------------------
+
+GONE = "ModuleNotFoundError: No module named 'ftlab_no_such_module'"
+GROUPS = {  # kind: (discovery, entry-point group, a working entry point, the error a lookup raises)
+    "method": (discover, ENTRY_POINT_GROUP, "ftlab.methods.full:Full", MethodError),
+    "checker": (checkers.discover_checkers, checkers.ENTRY_POINT_GROUP, "ftlab.evaluation.checkers:exact", ConfigError),
+    "augmentation": (augment.discover_augmentations, augment.ENTRY_POINT_GROUP, "ftlab.data.augment:typos", DataError),
+}
+
+
+@pytest.mark.parametrize("kind", list(GROUPS))
+def test_every_plugin_group_discovers_and_looks_up_names_the_same_way(kind: str) -> None:
+    find, group, good, error = GROUPS[kind]
+    eps = [
+        metadata.EntryPoint("twice", good, group),
+        metadata.EntryPoint("gone", "ftlab_no_such_module:thing", group),
+        metadata.EntryPoint("zgood", good, group),
+        metadata.EntryPoint("twice", good, group),
+    ]
+    found = find(eps)
+
+    assert list(found.found) == ["zgood"]  # the duplicate name is unusable, the import error too
+    assert found.broken == {
+        "gone": f"ftlab_no_such_module:thing: {GONE}",
+        "twice": f"duplicate {kind} name 'twice' (from {good})",
+    }
+    assert found.get("zgood") is found.found["zgood"]
+    with pytest.raises(error) as err:
+        found.get("gone")
+    assert type(err.value) is error
+    assert str(err.value) == f"{kind} 'gone' is installed but could not be loaded: ftlab_no_such_module:thing: {GONE}"
+    with pytest.raises(error) as err:
+        found.get("nope")
+    assert type(err.value) is error
+    assert str(err.value) == (
+        f"unknown {kind} 'nope'. Installed {kind}s: zgood. Broken plugins: gone (ftlab_no_such_module:thing: {GONE}); "
+        f"twice (duplicate {kind} name 'twice' (from {good}))"
+    )
+
+
+def test_a_plugin_rejected_by_its_groups_validation_says_why_without_a_traceback_class() -> None:
+    registry = discover([metadata.EntryPoint("notmethod", "ftlab.config:compose", ENTRY_POINT_GROUP)])
+    assert registry.broken["notmethod"].startswith("ftlab.config:compose: 'notmethod' must point at a method class")
+    found = checkers.discover_checkers([metadata.EntryPoint("constant", "ftlab.errors:__doc__", checkers.ENTRY_POINT_GROUP)])
+    assert found.broken["constant"].startswith("ftlab.errors:__doc__: not callable (got str '")
+
+
+def test_method_lookup_lists_presets_between_methods_and_broken_plugins() -> None:
+    installed = get_registry()
+    registry = Registry(found={"lora": installed.methods["lora"]}, broken={"gone": "why"})
+    registry.presets["lora_r64"] = installed.presets["lora_r64"]
+    with pytest.raises(MethodError, match=r"^unknown method 'nope'\. Installed methods: lora\. Presets: lora_r64\. "
+                                          r"Broken plugins: gone \(why\)$"):
+        registry.get("nope")
+    assert registry.get("lora_r64") is registry.methods["lora"]  # a preset selects the method it starts from

@@ -14,49 +14,24 @@ ftlab's own ``typos`` is registered exactly that way.
 from __future__ import annotations
 
 import copy
-import logging
 import random
 import re
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Callable, Iterable
 
-from ftlab.plugins import Discovered, discover_callables
+from ftlab.errors import DataError
+from ftlab.plugins import Discovered, discover_group
 
-__all__ = [
-    "ENTRY_POINT_GROUP",
-    "Augmentation",
-    "Augmentations",
-    "discover_augmentations",
-    "registered_augmentations",
-    "typos",
-]
-
-log = logging.getLogger(__name__)
+__all__ = ["ENTRY_POINT_GROUP", "Augmentation", "discover_augmentations", "typos"]
 
 ENTRY_POINT_GROUP = "ftlab.augmentations"
 Augmentation = Callable[[dict, random.Random], "dict | None"]
 
 
-@dataclass
-class Augmentations(Discovered):
-    """What discovery found: usable augmentations, and plugins that failed to load with why."""
-
-    kind: str = "augmentation"
-
-
-def discover_augmentations(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Augmentations:
-    """Load every entry point of the group; a plugin that fails is recorded, not raised."""
-    found = discover_callables(ENTRY_POINT_GROUP, "augmentation", entry_points)
-    return Augmentations(found.found, found.broken)
-
-
-def registered_augmentations() -> dict[str, Augmentation]:
-    """Name -> augmentation for every installed one; plugins that fail to load are logged by name."""
-    result = discover_augmentations()
-    for name, why in result.broken.items():
-        log.warning("augmentation '%s' is unusable: %s", name, why)
-    return result.found
+def discover_augmentations(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Discovered[Augmentation]:
+    """Every entry point of the group (or the given ones): usable augmentations in ``found``,
+    plugins that fail in ``broken`` with why (recorded, not raised); a lookup by name raises DataError."""
+    return discover_group(ENTRY_POINT_GROUP, "augmentation", DataError, entry_points=entry_points)
 
 
 # ---------------------------------------------------------------- built-in: typos

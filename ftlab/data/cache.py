@@ -6,8 +6,9 @@ data, tokenizer, template and settings loads the examples instead.
 
 The key is a fingerprint of the prepared data, the tokenizer, the template and the encoding
 settings, so any change to one of them gets a new entry rather than stale tokens. Entries are
-written with ``ftlab.models.loading.build_once`` (a temporary folder moved into place under a file
-lock): a crash never leaves a half-written entry and parallel jobs tokenize once.
+written with ``ftlab.cache.build_once`` (a temporary folder moved into place under a file lock):
+a crash never leaves a half-written entry and parallel jobs tokenize once. Prints are
+``ftlab.cache.fingerprint`` of the JSON the helpers below make of rows and tokenizers.
 
 Storage is one safetensors file of int64 arrays: each list-valued field is flattened into one
 array plus an offsets array, each int-valued field is one array. safetensors is already a
@@ -18,7 +19,6 @@ importing it alone takes about a second.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -29,24 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from ftlab.models.loading import build_once, is_complete
+from ftlab.cache import build_once, fingerprint
 
-__all__ = ["cached_examples", "fingerprint", "load_examples", "save_examples", "tokenizer_fingerprint"]
+__all__ = ["cached_examples", "load_examples", "rows_fingerprint", "save_examples", "tokenizer_fingerprint"]
 
 log = logging.getLogger(__name__)
 
 DATA_FILE = "examples.safetensors"
 KEY_FILE = "key.json"
-
-
-def fingerprint(obj: Any) -> str:
-    """sha256 hex of canonical JSON (sorted keys): the same data or settings give the same print.
-
-    Only JSON types are accepted, so nothing whose text form changes between runs (an object's
-    default repr) can slip into a cache key.
-    """
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def rows_fingerprint(rows: Any) -> str:
@@ -66,7 +56,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return fingerprint(
         {
             "class": type(tokenizer).__name__,
-            "backend": hashlib.sha256(model.encode()).hexdigest(),
+            "backend": fingerprint(model.encode()),
             "chat_template": getattr(tokenizer, "chat_template", None),
             "special_tokens": {k: str(v) for k, v in (getattr(tokenizer, "special_tokens_map", {}) or {}).items()},
         }
@@ -129,12 +119,12 @@ def cached_examples(
     """The examples stored under ``key``, built by ``build()`` and stored first if missing.
 
     Returns ``(examples, hit)``; ``hit`` is False when this call ran ``build``. ``key`` should
-    hold everything that decides the tokens, e.g. ``{"data": fingerprint(records), "tokenizer":
+    hold everything that decides the tokens, e.g. ``{"data": rows_fingerprint(records), "tokenizer":
     tokenizer_fingerprint(tok), "template": ..., "settings": {"max_length": 256}}``.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", label):
         raise ValueError(f"cache label {label!r} must be a plain file name (letters, digits, . _ -)")
-    target = Path(cache_dir) / "tokenized" / f"{label}-{fingerprint(key)[:16]}"
+    target = Path(cache_dir) / "tokenized" / f"{label}-{fingerprint(key, 16)}"
     built = False
 
     def write(tmp: Path) -> None:
@@ -148,8 +138,7 @@ def cached_examples(
         )
         built = True
 
-    if not is_complete(target):
-        build_once(target, write)
+    build_once(target, write)  # returns at once when the entry is there
     start = time.perf_counter()
     examples = load_examples(target / DATA_FILE)  # read back even after building: same types either way
     if not built:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ftlab.data.cache import cached_examples, rows_fingerprint, tokenizer_fingerprint
 from ftlab.data.chat_masking import IGNORE_INDEX
 from ftlab.data.schema import DataConfig
-from ftlab.data.encode import encode_example, example_kind, label_names
+from ftlab.data.encode import encode_example, example_kind, label_names, pad_id_of
 from ftlab.data.loading import Splits, load_splits, split_records
 from ftlab.data.packing import PackedCollator, PackingStats, pack
 from ftlab.data.prepare import PrepReport, drop_by_length
@@ -65,15 +65,6 @@ class PadCollator:
             else:
                 out[key] = torch.tensor([ex[key] + [value] * (width - len(ex[key])) for ex in batch], dtype=torch.long)
         return out
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    """The tokenizer's pad id, else its eos id (padding is masked out, so any id works)."""
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
 
 
 def _truncate(example: dict[str, Any], max_length: int) -> dict[str, Any]:

@@ -13,9 +13,19 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ftlab.data.chat_masking import _tokenize, encode_chat
-from ftlab.errors import DataError
+from ftlab.errors import DataError, ModelLoadError
 
-__all__ = ["encode_example", "example_kind", "label_names"]
+__all__ = ["encode_example", "example_kind", "label_names", "pad_id_of"]
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad id, else its EOS id (padding is masked out, so any
+    id works). Batches for training and prompts for generation both pad with it."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    raise ModelLoadError("the tokenizer has neither a pad nor an eos token to pad batches or prompts with: set tokenizer.pad_token")
 
 
 def example_kind(example: Mapping[str, Any]) -> str:

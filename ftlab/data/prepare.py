@@ -86,18 +86,9 @@ class PrepareConfig:
 
 
 def _augmentations(names: Sequence[str]) -> dict[str, Any]:
-    """The named augmentations, or DataError naming the registered (and unloadable) ones."""
+    """The named augmentations, or DataError naming the installed (and unloadable) ones."""
     found = discover_augmentations()
-    for name in names:
-        if name in found.broken:
-            raise DataError(f"data.prepare.augment: augmentation '{name}' failed to load: {found.broken[name]}")
-        if name not in found.found:
-            broken = f"; failed to load: {', '.join(sorted(found.broken))}" if found.broken else ""
-            raise DataError(
-                f"data.prepare.augment: unknown augmentation '{name}'"
-                f" (registered: {', '.join(sorted(found.found)) or 'none'}{broken})"
-            )
-    return {name: found.found[name] for name in names}
+    return {name: found.get(name, where="data.prepare.augment") for name in names}
 
 
 @dataclass

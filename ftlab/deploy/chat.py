@@ -25,8 +25,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ftlab.data.encode import pad_id_of
 from ftlab.errors import ChatError
 from ftlab.deploy.export import EXPORT_INFO
+from ftlab.evaluation.generation import (
+    ModelInputs, generate_batch, generate_ids, generation_config, prompt_learning_config, stop_token_ids, until_stop,
+)
 
 __all__ = ["ChatError", "Chatbot", "chat_loop", "check_settings", "generate_once", "load_chatbot", "reply"]
 
@@ -41,11 +45,11 @@ Messages = list[dict[str, str]]
 class Chatbot:
     model: nn.Module
     tokenizer: Any
-    model_inputs: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None
+    model_inputs: ModelInputs | None = None
 
     @property
     def prompt_learning(self) -> bool:
-        return bool(getattr(getattr(self.model, "active_peft_config", None), "is_prompt_learning", False))
+        return prompt_learning_config(self.model) is not None
 
 
 def _device_map() -> dict[str, Any]:
@@ -68,15 +72,15 @@ def _load_run(folder: Path) -> Chatbot:
 
 
 def _load_export(folder: Path) -> Chatbot:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ftlab.models.loading import load_tokenizer
 
     adapter_config, config_file = folder / "adapter_config.json", folder / "config.json"
     if not adapter_config.is_file() and not config_file.is_file():
         raise ChatError(f"{folder} is neither a run folder (.hydra/overrides.yaml), an adapter export "
                         "(adapter_config.json) nor a model folder (config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(folder)
     if adapter_config.is_file():
         from peft import PeftModel
 
@@ -155,9 +159,11 @@ def check_settings(max_new_tokens: int, temperature: float) -> None:
 
 def reply(bot: Chatbot, messages: Messages, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
           temperature: float = 0.0) -> str:
-    """Answer the conversation's last user message, printed to stdout (streamed where possible)."""
-    from ftlab.evaluation.generation import generate_ids, stop_token_ids
+    """Answer the conversation's last user message, printed to stdout (streamed where possible).
 
+    Stop tokens, padding, the method's extra inputs (multitask prompt's ``task_ids``) and the cut
+    at the end of turn are ``ftlab.evaluation.generation``'s, as in evaluation; only the sampling
+    settings and the streamer are chat's own."""
     check_settings(max_new_tokens, temperature)
     messages, prompt = _fit_context(bot, messages, max_new_tokens)
     tokenizer, model = bot.tokenizer, bot.model
@@ -170,23 +176,15 @@ def reply(bot: Chatbot, messages: Messages, max_new_tokens: int = DEFAULT_MAX_NE
         text = tokenizer.decode(ids, skip_special_tokens=True)
         print(text, flush=True)
         return text
-    from transformers import GenerationConfig, TextStreamer
+    from transformers import TextStreamer
 
-    stop = stop_token_ids(tokenizer, model)
+    stop, pad_id = stop_token_ids(tokenizer, model), pad_id_of(tokenizer)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=stop,
-                              pad_token_id=tokenizer.pad_token_id, **sampling)
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    extra = bot.model_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)}) if bot.model_inputs else {}
-    extra = {k: v for k, v in extra.items() if k not in ("input_ids", "attention_mask", "labels")}
+    config = generation_config(max_new_tokens, stop, pad_id, **sampling)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints to stdout
     with torch.no_grad():
-        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                   streamer=streamer, **extra)
-    new = generated[0, ids.shape[1]:].tolist()
-    cut = next((i for i, t in enumerate(new) if t in stop), len(new))
-    return tokenizer.decode(new[:cut], skip_special_tokens=True)
+        new = generate_batch(model, [prompt], config, pad_id, bot.model_inputs, streamer=streamer)[0]
+    return tokenizer.decode(until_stop(new, stop), skip_special_tokens=True)
 
 
 def generate_once(path: str | Path, prompt: str, system: str | None = None,

@@ -34,7 +34,7 @@ from ftlab.errors import GgufError
 __all__ = ["GgufError", "check_gguf", "write_gguf"]
 
 GGUF_FILE = "model.gguf"
-SOURCE_FILE = "ftlab_source.json"  # written by models.convert_gguf into a converted base folder
+SOURCE_FILE = "ftlab_source.json"  # written by ftlab.models.gguf.convert_gguf into a converted base folder
 ARCHITECTURES = ("LlamaForCausalLM",)
 
 

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, Iterable
 
 from ftlab.data.synthetic import exact_match
 from ftlab.errors import ConfigError
-from ftlab.plugins import Discovered, discover_callables
+from ftlab.plugins import Discovered, discover_group
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "Checker", "CheckerRegistry", "discover_checkers", "exact", "get_checker",
-    "json_equal", "normalized", "number", "registered_checkers",
+    "ENTRY_POINT_GROUP", "Checker", "discover_checkers", "exact", "get_checker", "json_equal", "normalized", "number",
 ]
 
 ENTRY_POINT_GROUP = "ftlab.checkers"
@@ -79,34 +77,12 @@ def json_equal(prediction: str, reference: str) -> bool:
         return False
 
 
-@dataclass
-class CheckerRegistry(Discovered):
-    kind: str = "checker"
-
-    @property
-    def checkers(self) -> dict[str, Checker]:
-        """The usable checkers by name (``found``)."""
-        return self.found
-
-
-def discover_checkers(entry_points: Iterable[metadata.EntryPoint] | None = None) -> CheckerRegistry:
-    """Load every ``ftlab.checkers`` entry point (or the given ones); keep going past broken ones."""
-    found = discover_callables(
-        ENTRY_POINT_GROUP, "checker", entry_points, not_callable=lambda obj: f"not callable, got {obj!r}"
-    )
-    return CheckerRegistry(found.found, found.broken)
-
-
-def registered_checkers() -> dict[str, Checker]:
-    """Every usable checker by name."""
-    return discover_checkers().checkers
+def discover_checkers(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Discovered[Checker]:
+    """Every ``ftlab.checkers`` entry point (or the given ones): usable checkers in ``found``,
+    broken plugins with why in ``broken``; a lookup by name raises ConfigError."""
+    return discover_group(ENTRY_POINT_GROUP, "checker", ConfigError, entry_points=entry_points)
 
 
 def get_checker(name: str) -> Checker:
     """The checker registered as ``name``; a ConfigError that lists the valid names otherwise."""
-    registry = discover_checkers()
-    if name in registry.checkers:
-        return registry.checkers[name]
-    if name in registry.broken:
-        raise ConfigError(f"checker '{name}' is installed but could not be loaded: {registry.broken[name]}")
-    raise ConfigError(f"unknown checker '{name}'. {registry.describe()}")
+    return discover_checkers().get(name)

@@ -16,10 +16,6 @@ plain forward loop, the same computation the training loss sees.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,13 +24,15 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ftlab.cache import cached_json, fingerprint
 from ftlab.evaluation.checkers import get_checker
 from ftlab.data.chat_masking import IGNORE_INDEX, encode_chat, encode_prompt
+from ftlab.data.encode import pad_id_of
 from ftlab.errors import ConfigError
 
 __all__ = [
-    "GenerationScore", "base_score_cached", "generate", "generate_ids", "prompt_text", "reference_answer",
-    "score_generations", "stop_token_ids",
+    "GenerationScore", "base_score_cached", "generate", "generate_batch", "generate_ids", "generation_config",
+    "prompt_learning_config", "prompt_text", "reference_answer", "score_generations", "stop_token_ids", "until_stop",
 ]
 
 ModelInputs = Callable[[dict[str, torch.Tensor]], dict[str, Any]]
@@ -102,18 +100,11 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token to pad prompts with")
-    return int(pad)
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _prompt_learning(model: nn.Module) -> Any:
+def prompt_learning_config(model: nn.Module) -> Any:
     """The active PEFT config when ``model`` is a prompt-learning PeftModel, else None."""
     config = getattr(model, "active_peft_config", None)
     return config if getattr(config, "is_prompt_learning", False) else None
@@ -134,25 +125,34 @@ def _extra_inputs(model_inputs: ModelInputs | None, ids: torch.Tensor, mask: tor
     return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
 
 
-def _greedy_config(model: nn.Module, max_new_tokens: int, stop: list[int], pad_id: int) -> Any:
-    """A fresh greedy config: sampling settings a checkpoint ships must not leak in."""
+def generation_config(max_new_tokens: int, stop: list[int], pad_id: int, **sampling: Any) -> Any:
+    """A fresh config, greedy unless ``sampling`` says otherwise (``do_sample=True,
+    temperature=...``): sampling settings a checkpoint ships must not leak in."""
     from transformers import GenerationConfig
 
+    settings = {"do_sample": False, **sampling}
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stop, pad_token_id=pad_id,
-        use_cache=True,
+        max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=stop, pad_token_id=pad_id, use_cache=True, **settings
     )
 
 
-def _generate_batch(
-    model: nn.Module, prompts: Sequence[list[int]], config: Any, pad_id: int, model_inputs: ModelInputs | None
+def generate_batch(
+    model: nn.Module, prompts: Sequence[list[int]], config: Any, pad_id: int, model_inputs: ModelInputs | None = None,
+    **generate_kwargs: Any,
 ) -> list[list[int]]:
+    """The new tokens ``model.generate`` gives each prompt (left-padded with ``pad_id``, plus what
+    ``model_inputs`` adds, e.g. multitask prompt's ``task_ids``), stop tokens and all: cut them
+    with ``until_stop``. ``generate_kwargs`` go to ``generate`` (e.g. a ``streamer``).
+
+    A prompt-learning model gets its soft prompt here as input embeddings; prefix tuning, whose
+    prefixes live in the cache, needs ``generate_ids`` (a forward loop) instead.
+    """
     device = _device(model)
     ids, mask = _left_pad(prompts, pad_id, device)
     extra = _extra_inputs(model_inputs, ids, mask)
-    peft_config = _prompt_learning(model)
+    peft_config = prompt_learning_config(model)
     if peft_config is None:
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra, **generate_kwargs)
         return out[:, ids.shape[1]:].tolist()
     # [pad .. pad][virtual tokens][prompt]: the soft prompt sits right before each prompt, as
     # in training, and left padding keeps every row's positions those of an unpadded row
@@ -165,7 +165,7 @@ def _generate_batch(
         rows.append(torch.cat([embeds[row, :pad], prompt[row].to(embeds.dtype), embeds[row, pad:]]))
         masks.append(torch.cat([mask[row, :pad], torch.ones(virtual, dtype=mask.dtype, device=device), mask[row, pad:]]))
     out = model.get_base_model().generate(
-        inputs_embeds=torch.stack(rows), attention_mask=torch.stack(masks), generation_config=config
+        inputs_embeds=torch.stack(rows), attention_mask=torch.stack(masks), generation_config=config, **generate_kwargs
     )
     return out.tolist()  # generating from embeddings returns only the new tokens
 
@@ -187,7 +187,8 @@ def _greedy_loop(
     return new
 
 
-def _until_stop(tokens: list[int], stop: list[int]) -> list[int]:
+def until_stop(tokens: list[int], stop: list[int]) -> list[int]:
+    """``tokens`` up to (without) the first stop token."""
     for i, token in enumerate(tokens):
         if token in stop:
             return tokens[:i]
@@ -213,17 +214,17 @@ def generate_ids(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     prompts = [encode_prompt(tokenizer, record["messages"]) for record in records]
     stop = stop_token_ids(tokenizer, model)
-    pad_id = _pad_id(tokenizer)
-    config = _greedy_config(model, max_new_tokens, stop, pad_id)
-    peft_config = _prompt_learning(model)
+    pad_id = pad_id_of(tokenizer)
+    config = generation_config(max_new_tokens, stop, pad_id)
+    peft_config = prompt_learning_config(model)
     prefix_in_cache = peft_config is not None and peft_config.peft_type in ("PREFIX_TUNING", "CARTRIDGE")
     answers: list[list[int]] = []
     with _eval_mode(model), torch.no_grad():
         if prefix_in_cache:
-            return [_until_stop(_greedy_loop(model, p, max_new_tokens, stop, model_inputs), stop) for p in prompts]
+            return [until_stop(_greedy_loop(model, p, max_new_tokens, stop, model_inputs), stop) for p in prompts]
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
-            answers.extend(_until_stop(t, stop) for t in _generate_batch(model, batch, config, pad_id, model_inputs))
+            answers.extend(until_stop(t, stop) for t in generate_batch(model, batch, config, pad_id, model_inputs))
     return answers
 
 
@@ -288,15 +289,12 @@ def score_generations(
 
 
 def _cache_file(cache_dir: Path, key: Mapping[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(dict(key), sort_keys=True, default=str).encode()).hexdigest()
-    return Path(cache_dir) / "base_eval" / f"{digest}.json"
+    return Path(cache_dir) / "base_eval" / f"{fingerprint(dict(key), strict=False)}.json"
 
 
-def _read_score(path: Path) -> GenerationScore | None:
-    try:
-        return GenerationScore(**json.loads(path.read_text())["score"])
-    except (OSError, ValueError, KeyError, TypeError):  # missing, half-written by hand, or old
-        return None
+def _read_score(stored: Any) -> GenerationScore:
+    """The score in a stored entry; raises (KeyError, TypeError) for one of an older layout."""
+    return GenerationScore(**stored["score"])
 
 
 def base_score_cached(
@@ -305,30 +303,12 @@ def base_score_cached(
     """The base model's score for ``key``, computed once per key across runs; (score, hit).
 
     A sweep over methods shares one base (checkpoint, quantization, eval records, checker,
-    max_new_tokens): its score is computed by the first job and read by the rest. The lock makes
-    parallel jobs wait for that first one instead of all generating; the file appears whole
-    (temporary file + ``os.replace``) or not at all.
+    max_new_tokens): its score is computed by the first job and read by the rest. The lock of
+    ``ftlab.cache.cached_json`` makes parallel jobs wait for that first one instead of all
+    generating; the file appears whole (temporary file + ``os.replace``) or not at all.
     """
-    from filelock import FileLock
 
-    path = _cache_file(cache_dir, key)
-    cached = _read_score(path)
-    if cached is not None:
-        return cached, True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        cached = _read_score(path)
-        if cached is not None:
-            return cached, True
-        score = compute()
-        payload = json.dumps({"key": dict(key), "score": asdict(score)}, indent=2, sort_keys=True, default=str)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(payload)
-            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return score, False
+    def entry() -> dict[str, Any]:
+        return {"key": dict(key), "score": asdict(compute())}
+
+    return cached_json(_cache_file(cache_dir, key), entry, _read_score)

@@ -6,8 +6,10 @@ frozen. ``up`` starts at zero, so training starts from exactly the base model.
 
 PEFT has no such tuner, so this module implements the method itself: it is the example of a
 method that is not a PEFT wrapper. The adapters are attached as submodules of each decoder
-layer (``model.layers.3.mlp_adapter``) and run by forward hooks on ``self_attn``/``mlp``, so the
-base model's parameter names are unchanged and the saved file holds only adapter weights.
+layer (``model.layers.3.mlp_adapter``) and run by forward hooks on its attention and MLP
+(``self_attn``/``mlp`` on Llama; found from the model by ``ftlab.models.structure``, so GPT-2's
+``attn`` gets ``attn_adapter``), so the base model's parameter names are unchanged and the saved
+file holds only adapter weights.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ftlab.errors import ConfigError
+from ftlab.errors import ConfigError, ModelStructureError
 from ftlab.methods.base import QUANTIZATIONS, BaseMethod, MethodConfig
-from ftlab.methods.freeze import decoder_blocks
+from ftlab.models.structure import attention_name, decoder_blocks, mlp_name
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
-PLACES = {"attention": ("self_attn",), "mlp": ("mlp",), "both": ("self_attn", "mlp")}
+# where= -> the sublayers of a block an adapter follows, each found by its name finder
+PLACES = {"attention": (attention_name,), "mlp": (mlp_name,), "both": (attention_name, mlp_name)}
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
@@ -88,15 +91,15 @@ class Adapter(BaseMethod):
             raise ConfigError(f"method.reduction_factor={c.reduction_factor} must be between 1 and the hidden size {hidden}")
         model.requires_grad_(False)
         dtype = _float_dtype(model)
-        _, blocks = decoder_blocks(model)
-        for block in blocks:
-            for place in PLACES[c.where]:
-                sublayer = getattr(block, place, None)
-                if not isinstance(sublayer, nn.Module):
-                    raise ConfigError(
-                        f"method=adapter: the decoder layers of {type(model).__name__} ({type(block).__name__}) have no "
-                        f"'{place}' submodule to put an adapter after; use method.where= with the sublayers it has"
-                    )
+        for block in decoder_blocks(model):
+            for find in PLACES[c.where]:
+                try:
+                    place = find(block)
+                except ModelStructureError as missing:
+                    raise ModelStructureError(
+                        f"method=adapter on {type(model).__name__}: {missing}; use method.where= with the sublayers it has"
+                    ) from None
+                sublayer = getattr(block, place)
                 adapter = Bottleneck(hidden, hidden // c.reduction_factor, c.activation, c.dropout, dtype)
                 block.add_module(f"{place}_adapter", adapter.to(_device(sublayer)))
                 sublayer.register_forward_hook(_adapt_output(adapter))

@@ -2,17 +2,19 @@
 
 A method turns a loaded base model into the model to train (``apply``). Everything else the
 training module and the export path need from a method (which parameters to optimize and with
-which learning rates, the loss, a per-step hook, what to save and how to load it back, how to
-merge into plain weights, which quantized bases it accepts) has a default here, so most methods
-override ``apply`` only. ``ftlab.testing`` checks every hook against a tiny model.
+which learning rates, the loss, hooks before and after each optimizer step, metrics to log, what
+to save and how to load it back, how to merge into plain weights, which quantized bases, tasks
+and trainer strategies it accepts) has a default here, so most methods override ``apply`` only.
+``ftlab.testing`` checks every hook against a tiny model; docs/plugins.md gives their timing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -20,8 +22,10 @@ from torch import nn
 from ftlab.errors import MethodError
 from ftlab.models.quant import QUANT_NAMES
 
-__all__ = ["BaseMethod", "MethodConfig", "QUANTIZATIONS", "TASKS", "config_fields", "field_default", "field_help"]
+__all__ = ["BaseMethod", "MethodConfig", "QUANTIZATIONS", "TASKS", "config_fields", "field_default", "field_help",
+           "reset_optimizer_state"]
 
+_METRIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 QUANTIZATIONS = QUANT_NAMES  # every `quantization=` choice: what a method that keeps its base frozen accepts
 TASKS = ("causal_lm", "classification")
 
@@ -42,6 +46,24 @@ class MethodConfig:
 def config_fields(config_cls: type[MethodConfig]) -> list[dataclasses.Field]:
     """The user-settable fields of a method config (everything but ``name``)."""
     return [f for f in dataclasses.fields(config_cls) if f.name not in ("name", "defaults")]
+
+
+def _method_name(method: Any) -> str:
+    return str(getattr(getattr(method, "config", None), "name", type(method).__name__))
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor]) -> int:
+    """Forget the optimizer's state (Adam's moments and step count, ...) of ``parameters``, e.g. of
+    a block a method has just frozen or is about to unfreeze: the next step that gives one of them
+    a gradient starts its state afresh, as for a new parameter. Returns how many had state.
+
+    For torch's optimizers and bitsandbytes' (8-bit, paged), whose state is keyed by parameter;
+    the parameter stays in its group, so the learning-rate schedule is untouched."""
+    cleared = 0
+    for p in parameters:
+        if optimizer.state.pop(p, None) is not None:
+            cleared += 1
+    return cleared
 
 
 def field_help(f: dataclasses.Field) -> str:
@@ -75,6 +97,15 @@ class BaseMethod:
             sequence, told apart by position ids, with no attention mask); empty if it can.
         tasks: the ``task=`` choices the method can train: ``causal_lm`` (next-token prediction)
             and ``classification`` (a sequence-classification head the method must train too).
+        refused_strategies: trainer strategies the method cannot train under, each mapped to the
+            reason (``{"ddp": "it changes which parameters train during training"}``). A key
+            matches ``trainer.strategy`` when equal to it or a prefix of it followed by ``_``
+            (``ddp`` refuses ``ddp_spawn`` and ``ddp_find_unused_parameters_true``, not
+            ``deepspeed``); checked with ``quantizations`` and ``tasks`` before any model loads.
+        metrics: names the method logs with ``self.log(name, value)`` during training; each
+            appears as ``method/<name>`` in the run's loggers and its last value in
+            ``metrics.json`` under ``method_metrics``. The contract checks every name listed
+            arrives; ``log`` also takes names not listed.
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -85,6 +116,11 @@ class BaseMethod:
     cannot_merge: ClassVar[str] = ""
     tasks: ClassVar[tuple[str, ...]] = TASKS
     no_packing: ClassVar[str] = ""
+    refused_strategies: ClassVar[Mapping[str, str]] = {}
+    metrics: ClassVar[tuple[str, ...]] = ()
+    # set by the training module (``FineTuneModule``) while it trains with this method; None
+    # elsewhere, where ``log`` checks its arguments and drops the value
+    _log_sink: Optional[Callable[[str, float], None]] = None
 
     @property
     def packing(self) -> bool:
@@ -106,7 +142,12 @@ class BaseMethod:
 
     # -- training -----------------------------------------------------------------------------
     def parameter_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups; override for per-group learning rates (e.g. LoRA+)."""
+        """Optimizer parameter groups; override for per-group learning rates (e.g. LoRA+).
+
+        Called once, when the optimizer is built at the start of ``fit`` (after ``apply``). The
+        groups may hold parameters with ``requires_grad=False``: the optimizer skips a parameter
+        without a gradient, so a method that unfreezes parameters later (``on_train_step_start``)
+        returns them here from the start. At least one parameter must require grad then."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
     def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -118,10 +159,40 @@ class BaseMethod:
         """The training objective; the default is the causal LM loss over labelled tokens."""
         return model(**self.model_inputs(batch)).loss
 
+    def on_train_step_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, global_step: int) -> None:
+        """Called once per optimizer step, before the forward of its first batch (of the
+        accumulation window), for methods whose trainable set changes during training (LISA,
+        progressive unfreezing, GaLore-style projections): flip ``requires_grad`` of parameters
+        the optimizer holds (see ``parameter_groups``) and reset or rewrite their optimizer state
+        (``reset_optimizer_state``). ``optimizer`` is the torch optimizer built from
+        ``parameter_groups``, the same object at every step; do not add or remove parameter
+        groups (the learning-rate schedule is bound to them). ``global_step`` counts the
+        optimizer steps completed before this one: 0 before the first, as ``on_step_end`` gets
+        after it. The previous step's gradients may still be on the parameters; they are
+        cleared (set to None) before this step's backward."""
+
     def on_step_end(self, model: nn.Module, global_step: int) -> None:
         """Called after every optimizer step (e.g. AdaLoRA's rank budget update): right after
         ``optimizer.step()``, before gradients are zeroed. In a training run ``global_step`` is
         Lightning's, the number of optimizer steps completed before this one (0 after the first)."""
+
+    def log(self, name: str, value: float | int | torch.Tensor) -> None:
+        """Log a metric of the method: during training (from ``on_train_step_start``, ``loss`` on
+        a training batch or ``on_step_end``) it goes to the run's loggers as ``method/<name>`` at
+        the current step, and its last value to ``metrics.json`` (``method_metrics``). Calls at
+        any other time (validation, export, the contract's steps outside a run) are checked and
+        dropped. ``name``: letters, digits, ``_ . / -``; ``value``: a number or one-element tensor."""
+        if not isinstance(name, str) or not _METRIC_NAME.match(name):
+            raise MethodError(f"method '{_method_name(self)}' logs a metric named {name!r}: use letters, digits and _ . / -")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise MethodError(f"method '{_method_name(self)}' logs {name!r} as a tensor of shape "
+                                  f"{tuple(value.shape)}: a metric is one number")
+            value = value.detach().float().item()
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MethodError(f"method '{_method_name(self)}' logs {name!r} as {type(value).__name__}: a metric is a number")
+        if self._log_sink is not None:
+            self._log_sink(name, float(value))
 
     # -- saving, loading, merging ----------------------------------------------------------------
     def save(self, model: nn.Module, directory: Path) -> Path:

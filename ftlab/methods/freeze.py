@@ -1,4 +1,8 @@
-"""Transfer learning: freeze the pretrained model except its last N blocks and chosen modules."""
+"""Transfer learning: freeze the pretrained model except its last N blocks and chosen modules.
+
+The blocks and the final norm are found from the model (``ftlab.models.structure``), so the
+defaults work on any decoder architecture, not only on Llama's ``model.layers``/``model.norm``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ from torch import nn
 from ftlab.evaluation.classification import is_classifier
 from ftlab.errors import ConfigError
 from ftlab.methods.base import BaseMethod, MethodConfig
+from ftlab.models.structure import decoder_blocks, final_norm
+
+FINAL_NORM = "final_norm"  # the entry of ``modules`` that names the final norm, whatever it is called
 
 
 @dataclass
@@ -17,17 +24,11 @@ class FreezeConfig(MethodConfig):
     lr: float = field(default=1e-4, metadata={"help": "learning rate (the optimizer's lr follows it)"})
     last_n_blocks: int = field(default=2, metadata={"help": "how many of the last transformer blocks train (0 = none)"})
     modules: list[str] = field(
-        default_factory=lambda: ["model.norm"],
-        metadata={"help": "regexes of module names that also train (fully matched, e.g. 'model.norm', 'lm_head')"},
+        default_factory=lambda: [FINAL_NORM],
+        metadata={"help": f"modules that also train: '{FINAL_NORM}' (the norm after the last block, found from the "
+                          "model: model.norm on Llama, transformer.ln_f on GPT-2) or regexes of module names "
+                          "(fully matched, e.g. 'model.norm', 'lm_head')"},
     )
-
-
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of transformer blocks: its longest ModuleList (``model.layers`` for Llama)."""
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise ConfigError(f"{type(model).__name__} has no ModuleList of transformer blocks to unfreeze")
-    return max(lists, key=lambda item: len(item[1]))
 
 
 class Freeze(BaseMethod):
@@ -42,12 +43,14 @@ class Freeze(BaseMethod):
     def apply(self, model: nn.Module) -> nn.Module:
         cfg = self.config
         model.requires_grad_(False)
-        _, blocks = decoder_blocks(model)
+        blocks = decoder_blocks(model)
         if not 0 <= cfg.last_n_blocks <= len(blocks):
             raise ConfigError(f"method.last_n_blocks={cfg.last_n_blocks} must be between 0 and {len(blocks)}")
         for block in list(blocks)[len(blocks) - cfg.last_n_blocks:]:
             block.requires_grad_(True)
-        patterns = [re.compile(p) for p in cfg.modules]
+        if FINAL_NORM in cfg.modules:
+            final_norm(model).requires_grad_(True)
+        patterns = [re.compile(p) for p in cfg.modules if p != FINAL_NORM]
         matched = {p.pattern: False for p in patterns}
         for name, module in model.named_modules():
             for p in patterns:

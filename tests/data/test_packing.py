@@ -14,7 +14,8 @@ from ftlab.data.datamodule import PadCollator, pad_id_of
 from ftlab.data.packing import PackedCollator, PackingStats, pack, real_tokens
 from ftlab.data.synthetic import default_splits
 from ftlab.methods.base import BaseMethod, MethodConfig
-from ftlab.models.loading import TINY_TOKENIZER_DIR, load_tokenizer
+from ftlab.models.loading import load_tokenizer
+from ftlab.models.tiny import TINY_TOKENIZER_DIR
 from ftlab.module import FineTuneModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")

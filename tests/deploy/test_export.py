@@ -173,7 +173,7 @@ def test_loading_exports_needs_no_ftlab(plain: dict) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_adapter_export_loads_with_plain_peft(method: str, plain: dict, reference: dict, exports, cache_dir) -> None:
-    from ftlab.models.loading import TINY_DEFAULTS, tiny_checkpoint
+    from ftlab.models.tiny import TINY_DEFAULTS, tiny_checkpoint
 
     got, want = plain["logits"][method], reference[method]
     assert got.shape == want.shape
@@ -218,7 +218,7 @@ def test_gguf_reads_back_with_the_same_logits_and_tokens(plain: dict, reference:
 def test_model_card_names_method_base_data_and_commands(exports, runs, cache_dir) -> None:
     from omegaconf import OmegaConf
 
-    from ftlab.data.cache import fingerprint
+    from ftlab.cache import fingerprint
     from ftlab.deploy.run_loading import open_run
 
     card = (exports["lora"] / "README.md").read_text()
@@ -289,6 +289,52 @@ def test_streamed_text_is_the_greedy_answer(exports, capsys) -> None:
     answer = reply(Chatbot(model.eval(), tokenizer), [{"role": "user", "content": PROMPT}], max_new_tokens=5)
     assert answer == tokenizer.decode([token] * 5) and answer.strip()
     assert capsys.readouterr().out == answer + "\n"
+
+
+def test_chat_reply_adds_the_methods_inputs_pads_with_eos_and_cuts_at_the_end_of_turn(tiny_model_dir, capsys) -> None:
+    """``reply`` goes through evaluation's generation helpers: the method's ``model_inputs`` reach
+    ``generate``, a tokenizer without a pad token pads with EOS, the answer ends at the first stop
+    token, and it streams; ``--temperature`` switches to sampling."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftlab.deploy.chat import Chatbot, reply
+    from ftlab.evaluation.generation import stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tokenizer.pad_token = None
+    inner = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    token = tokenizer("lamp", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():  # tied embeddings: one token made to win everywhere (as above)
+        inner.get_input_embeddings().weight[token] *= 50
+    stop = stop_token_ids(tokenizer, inner)
+    calls: list[dict] = []
+
+    class TaskModel(torch.nn.Module):
+        """A model whose method adds ``task_ids`` (as multitask prompt tuning's does); it records
+        them and goes on past the end of its turn."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.config, self.generation_config = inner, inner.config, inner.generation_config
+
+        def generate(self, task_ids, **kwargs):
+            calls.append({"task_ids": task_ids, **kwargs})
+            return torch.cat([self.inner.generate(**kwargs), torch.tensor([[stop[0], token]])], dim=1)
+
+    def task_two(batch: dict) -> dict:
+        return {**batch, "task_ids": torch.full((batch["input_ids"].shape[0],), 2)}
+
+    bot = Chatbot(TaskModel(), tokenizer, task_two)
+    answer = reply(bot, [{"role": "user", "content": PROMPT}], max_new_tokens=3)
+
+    assert answer == tokenizer.decode([token] * 3)  # not the token after the end of turn
+    assert capsys.readouterr().out == answer + "\n"
+    assert calls[0]["task_ids"].tolist() == [2] and calls[0]["streamer"] is not None
+    config = calls[0]["generation_config"]
+    assert (config.pad_token_id, config.eos_token_id, config.do_sample) == (tokenizer.eos_token_id, stop, False)
+    reply(bot, [{"role": "user", "content": PROMPT}], max_new_tokens=2, temperature=0.5)
+    sampled = calls[1]["generation_config"]
+    assert (sampled.do_sample, sampled.temperature, sampled.max_new_tokens) == (True, 0.5, 2)
 
 
 def test_generate_with_a_prompt_tuning_export_prints_the_whole_answer(exports, runs, capsys) -> None:

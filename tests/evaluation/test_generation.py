@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from ftlab.evaluation import checkers
 from ftlab.models import loading as models
-from ftlab.evaluation.checkers import discover_checkers, get_checker, registered_checkers
+from ftlab.evaluation.checkers import discover_checkers, get_checker
 from ftlab.data.chat_masking import encode_chat, encode_prompt
 from ftlab.data.datamodule import PadCollator
 from ftlab.data.synthetic import generate as synthetic_records
@@ -26,12 +26,16 @@ from ftlab.evaluation.generation import (
     GenerationScore,
     base_score_cached,
     generate,
+    generate_batch,
     generate_ids,
+    generation_config,
     reference_answer,
     score_generations,
     stop_token_ids,
+    until_stop,
 )
 from ftlab.models.quant import count_quantized_linear
+from ftlab.plugins import Discovered
 
 FACTS = [  # three short prompts the tiny model memorises in a few dozen steps
     make_record("add", "What is 12 + 30?\nAnswer with the number only.", "42"),
@@ -112,13 +116,13 @@ def test_builtin_checkers(name: str, prediction: str, reference: str, expected: 
 
 
 def test_builtin_checkers_come_through_the_entry_point_group() -> None:
-    assert {"exact", "normalized", "number", "json"} <= set(registered_checkers())
+    assert {"exact", "normalized", "number", "json"} <= set(discover_checkers().found)
     eps = {ep.name: ep.value for ep in metadata.entry_points(group=checkers.ENTRY_POINT_GROUP)}
     assert eps["json"] == "ftlab.evaluation.checkers:json_equal"
 
 
 def test_unknown_checker_lists_the_registered_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown checker 'exakt'.*exact, json, normalized, number"):
+    with pytest.raises(ConfigError, match=r"^unknown checker 'exakt'\. Installed checkers: exact, json, normalized, number"):
         get_checker("exakt")
 
 
@@ -130,12 +134,13 @@ def test_broken_checker_plugin_is_named_with_its_error(monkeypatch) -> None:
         metadata.EntryPoint("constant", "ftlab.evaluation.checkers:ENTRY_POINT_GROUP", group),
     ]
     registry = discover_checkers(eps)
-    assert set(registry.checkers) == {"exact"}
-    assert "ModuleNotFoundError" in registry.broken["fuzzy"] and "not callable" in registry.broken["constant"]
+    assert set(registry.found) == {"exact"}
+    assert "ModuleNotFoundError" in registry.broken["fuzzy"]
+    assert registry.broken["constant"] == "ftlab.evaluation.checkers:ENTRY_POINT_GROUP: not callable (got str 'ftlab.checkers')"
     monkeypatch.setattr(checkers, "discover_checkers", lambda: registry)
     with pytest.raises(ConfigError, match=r"checker 'fuzzy' is installed but could not be loaded: .*ftlab_no_such_plugin"):
         get_checker("fuzzy")
-    with pytest.raises(ConfigError, match=r"Registered checkers: exact\. Broken checker plugins: constant .*fuzzy"):
+    with pytest.raises(ConfigError, match=r"^unknown checker 'nope'\. Installed checkers: exact\. Broken plugins: constant \(.*\); fuzzy \(.*ModuleNotFoundError"):
         get_checker("nope")
 
 
@@ -250,6 +255,55 @@ def test_leaves_eval_submodules_in_eval_mode(tiny_path: Path, tokenizer) -> None
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
 
 
+class RecordingModel(torch.nn.Module):
+    """Stands in for a model: records what ``generate`` is given and answers each row with 7, 8, 9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.calls: list[dict] = []
+
+    def generate(self, input_ids, **kwargs):
+        self.calls.append({"input_ids": input_ids, **kwargs})
+        return torch.cat([input_ids, torch.tensor([[7, 8, 9]] * input_ids.shape[0])], dim=1)
+
+
+def test_generate_batch_left_pads_adds_the_methods_inputs_and_passes_generate_arguments() -> None:
+    model = RecordingModel()
+    config = generation_config(5, stop=[8], pad_id=0)
+    streamer = object()
+
+    new = generate_batch(model, [[1, 2, 3], [4]], config, pad_id=0, model_inputs=task_one, streamer=streamer)
+
+    assert new == [[7, 8, 9], [7, 8, 9]]  # the new tokens only, stop token and all
+    (call,) = model.calls
+    assert call["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert call["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert call["task_ids"].tolist() == [1, 1] and call["streamer"] is streamer
+    assert call["generation_config"] is config and "labels" not in call
+
+
+def test_until_stop_and_generation_config() -> None:
+    assert until_stop([5, 6, 2, 7, 2], [2, 9]) == [5, 6] and until_stop([5, 6], [2]) == [5, 6]
+    greedy = generation_config(4, stop=[2, 3], pad_id=1)
+    assert (greedy.do_sample, greedy.num_beams, greedy.max_new_tokens, greedy.eos_token_id, greedy.pad_token_id) == (
+        False, 1, 4, [2, 3], 1)
+    sampled = generation_config(4, stop=[2], pad_id=1, do_sample=True, temperature=0.7)
+    assert sampled.do_sample and sampled.temperature == 0.7
+
+
+def test_prompts_are_padded_with_eos_when_the_tokenizer_has_no_pad_token(tiny_path: Path) -> None:
+    """The data module's fallback (``pad_id_of``): generation needs no pad token either."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_path))
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None
+    records = records_of_different_lengths()[:2]  # of different lengths: one prompt is padded
+    answers = generate_ids(load(tiny_path), tokenizer, records, max_new_tokens=2, batch_size=2)
+    assert len(answers) == 2
+
+
 # -- score_generations ---------------------------------------------------------------------------
 
 
@@ -288,7 +342,7 @@ def test_score_counts_what_the_checker_says_and_skips_records_without_reference(
         seen.append((prediction, reference))
         return reference != "42"
 
-    registry = checkers.CheckerRegistry({"by_reference": by_reference})
+    registry = Discovered("checker", ConfigError, {"by_reference": by_reference})
     monkeypatch.setattr(checkers, "discover_checkers", lambda: registry)
     unanswered = {"messages": [{"role": "user", "content": "no reference here"}]}
     score = score_generations(load(tiny_path), tokenizer, [*FACTS, unanswered], checker="by_reference", max_new_tokens=3)

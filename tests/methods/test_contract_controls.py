@@ -101,6 +101,35 @@ class GradientBlocker(Lora):
         return model
 
 
+class UnheldUnfreeze(Lora):
+    """Unfreezes a weight from its step hook that ``parameter_groups`` never gave the optimizer:
+    it gets gradients and never moves."""
+
+    def on_train_step_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, global_step: int) -> None:
+        if global_step == 1:
+            _base(model).model.norm.weight.requires_grad_(True)
+
+
+class SilentMetric(Lora):
+    """Declares a metric but logs it only while validating, never during training."""
+
+    metrics = ("rank_budget",)
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        if not model.training:
+            self.log("rank_budget", 1.0)
+        return super().loss(model, batch)
+
+
+class LogsBudget(Lora):
+    """Declares a metric and logs it after every step, as it should (for the module controls)."""
+
+    metrics = ("rank_budget",)
+
+    def on_step_end(self, model: nn.Module, global_step: int) -> None:
+        self.log("rank_budget", float(global_step))
+
+
 Check = Callable[[testing.ContractRun, Path], Any]
 
 CONTROLS: list[tuple[type[Lora], str, Check, str]] = [
@@ -120,6 +149,12 @@ CONTROLS: list[tuple[type[Lora], str, Check, str]] = [
     (ForgetfulSave, "nf4", lambda run, tmp: testing.check_quantized_base(run, "nf4", tmp), "after save"),
     (GradientBlocker, "nf4", lambda run, _: testing.check_quantized_gradients(run), "differ from the dequantized"),
     (GradientBlocker, "int8", lambda run, _: testing.check_quantized_gradients(run), "differ from the dequantized"),
+    (UnheldUnfreeze, "none", lambda run, _: testing.check_steps_change_only_trainable(run),
+     r"1 of \d+ trainable parameters did not change.*model\.norm\.weight"),
+    (UnheldUnfreeze, "none", lambda run, tmp: testing.check_training_hooks(run, tmp),
+     r"after on_train_step_start at step 1, parameters require grad that the optimizer does not hold"),
+    (SilentMetric, "none", lambda run, tmp: testing.check_training_hooks(run, tmp),
+     r"declares metric 'rank_budget' .* but logged no value for it"),
 ]
 
 
@@ -139,6 +174,33 @@ def test_check_rejects_its_broken_control_and_passes_lora(
         with pytest.raises((AssertionError, pytest.fail.Exception), match=message):
             check(run, tmp_path / "broken")
     check(_run("lora", quant, cache_dir, tmp_path), tmp_path / "lora")
+
+
+def _every_batch(module: Any, batch: Any, batch_idx: int) -> None:
+    """A training module that calls the step hook before every batch, not once per optimizer step."""
+    module.method.on_train_step_start(module.model, module.optimizers(use_pl_optimizer=False), module.global_step)
+
+
+def _log_kept_not_logged(module: Any, name: str, value: float) -> None:
+    """A training module that keeps the method's metric for metrics.json but never logs it."""
+    module.method_metrics[name] = value
+
+
+@pytest.mark.parametrize(("hook", "replacement", "message"), [
+    ("on_train_batch_start", _every_batch, r"the step hooks were called as .* not once each per step"),
+    ("_log_method_metric", _log_kept_not_logged, r"metric 'rank_budget' never reached the run's logger"),
+], ids=["hook-per-batch", "metric-not-logged"])
+def test_hook_check_rejects_a_broken_training_module(hook: str, replacement: Callable, message: str,
+                                                     monkeypatch: pytest.MonkeyPatch, cache_dir: Path,
+                                                     tmp_path: Path) -> None:
+    """The module's side of check_training_hooks: ftlab's wiring, broken, is rejected too."""
+    from ftlab.module import FineTuneModule
+
+    with testing.registered("broken_control", LogsBudget):
+        testing.check_training_hooks(_run("broken_control", "none", cache_dir, tmp_path), tmp_path / "good")
+        monkeypatch.setattr(FineTuneModule, hook, replacement)
+        with pytest.raises(AssertionError, match=message):
+            testing.check_training_hooks(_run("broken_control", "none", cache_dir, tmp_path), tmp_path / "broken")
 
 
 @pytest.mark.parametrize(("check", "reason"), [

@@ -1,10 +1,10 @@
 """Model loading: the shipped tiny tokenizer, the tiny random model, bitsandbytes quantization
-on the CPU, parameter counting, build-once cache folders and the SmolLM2 GGUF conversion."""
+on the CPU, parameter counting and the GGUF conversion (user files and SmolLM2); the build-once
+cache folders they live in are tested in tests/test_cache.py."""
 
 from __future__ import annotations
 
 import importlib.util
-import threading
 import time
 from pathlib import Path
 
@@ -12,15 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ftlab.models import loading as models
-from ftlab.models.loading import (
-    COMPLETE_MARKER,
-    ModelLoadError,
-    build_once,
-    count_parameters,
-    load_model,
-)
+from ftlab.cache import COMPLETE_MARKER
+from ftlab.models.gguf import SMOLLM2_NAME, smollm2_gguf
+from ftlab.models.loading import ModelLoadError, count_parameters, load_model
 from ftlab.models.quant import DTYPES, bnb_config, count_quantized_linear, to_dtype
+from ftlab.models.tiny import TINY_DEFAULTS
 from ftlab.models.tiny_tokenizer import CHAT_TEMPLATE, TOKENIZER_DIR, build_tokenizer
 
 TINY = {
@@ -31,7 +27,7 @@ TINY = {
     "dtype": "float32",
     "trust_remote_code": False,
     "gradient_checkpointing": False,
-    **models.TINY_DEFAULTS,
+    **TINY_DEFAULTS,
 }
 NO_QUANT = {"name": "none", "load_in_4bit": False, "load_in_8bit": False}
 
@@ -241,41 +237,6 @@ def test_unknown_kind(tmp_path):
         load_model(model_cfg(kind="huge"), NO_QUANT, tmp_path)
 
 
-# -- build-once cache folders ------------------------------------------------------------------
-
-
-def test_build_once_builds_once_across_concurrent_callers(tmp_path):
-    calls = []
-
-    def build(tmp: Path) -> None:
-        calls.append(tmp)
-        time.sleep(0.3)  # a slow conversion: the others must wait, not start their own
-        (tmp / "weights.bin").write_text("w")
-
-    target = tmp_path / "model"
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(build_once(target, build))) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(calls) == 1 and results == [target] * 3
-    assert (target / "weights.bin").read_text() == "w" and (target / COMPLETE_MARKER).is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.lock"]  # no temp left
-
-
-def test_build_once_leaves_nothing_half_written(tmp_path):
-    def broken(tmp: Path) -> None:
-        (tmp / "config.json").write_text("{}")
-        raise RuntimeError("disk full")
-
-    target = tmp_path / "model"
-    with pytest.raises(RuntimeError, match="disk full"):
-        build_once(target, broken)
-    assert not target.exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["model.lock"]
-
-
 # -- GGUF conversion ---------------------------------------------------------------------------
 
 
@@ -340,7 +301,7 @@ def test_user_gguf_is_converted_once_and_matches(tmp_path):
     tiny, tok = load_model(model_cfg(), NO_QUANT, tmp_path / "cache")
     source = tmp_path / "downloads"
     source.mkdir()
-    write_llama_gguf(tiny, models.TINY_TOKENIZER_DIR, source / "mine.gguf")
+    write_llama_gguf(tiny, TOKENIZER_DIR, source / "mine.gguf")
     cfg = OmegaConf.create({**TINY, "kind": "pretrained", "name_or_path": str(source), "gguf_file": "mine.gguf"})
 
     converted, tok2 = load_model(cfg, NO_QUANT, tmp_path / "cache")
@@ -392,7 +353,7 @@ def test_smollm2_conversion_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, tok = load_model(OmegaConf.create(SMOLLM2), NO_QUANT, tmp_path)
-    folder = tmp_path / models.SMOLLM2_NAME
+    folder = tmp_path / SMOLLM2_NAME
     assert (folder / COMPLETE_MARKER).is_file() and (folder / "model.safetensors").is_file()
     assert "quantization_config" not in (folder / "config.json").read_text()
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
@@ -401,7 +362,7 @@ def test_smollm2_conversion_round_trip(tmp_path):
     )
     assert tok.pad_token == tok.eos_token == "<|im_end|>"
 
-    source, gguf_file = models.smollm2_gguf()
+    source, gguf_file = smollm2_gguf()
     reference = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf_file, dtype=torch.float32)
     question = [{"role": "user", "content": "What is 2 + 3?"}]
     prompt = tok.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)

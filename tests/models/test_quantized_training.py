@@ -20,7 +20,8 @@ from bitsandbytes.functional import has_avx512bf16
 from omegaconf import OmegaConf
 
 from ftlab import testing
-from ftlab.models.loading import TINY_DEFAULTS, load_model
+from ftlab.models.loading import load_model
+from ftlab.models.tiny import TINY_DEFAULTS
 from ftlab.models.quant import REPACK_SWITCH, keep_standard_4bit_layout
 from ftlab.train import train
 
