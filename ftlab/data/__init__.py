@@ -3,7 +3,8 @@
 A run's data flows: source -> format -> preparation -> template/tokenize -> mask -> pack.
 
 * ``sources``: rows from JSONL, JSON, CSV, Parquet, a saved ``datasets`` folder or a hub id.
-* ``formats``: alpaca, messages, completion, text, classification, preference -> one canonical example.
+* ``formats``: alpaca, messages, completion, text, classification, preference -> one canonical example
+  (a ranked preference list -> one per pair).
 * ``prepare``, ``augment``: whitespace, missing fields, duplicates, augmentation plugins, with a report.
 * ``loading``: splits, multi-task mixing by weight, ``data.limit`` (few-shot).
 * ``synthetic``, ``topics``: the built-in instruction tasks and the labelled topic data.

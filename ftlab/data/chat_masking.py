@@ -34,12 +34,13 @@ def _render(tokenizer: Any, messages: Messages, add_generation_prompt: bool = Fa
     return text
 
 
-def assistant_spans(tokenizer: Any, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered chat and the [start, end) character span of each assistant turn."""
+def assistant_spans(tokenizer: Any, messages: Messages, train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the [start, end) character span of each assistant turn (of those at
+    message index ``train_from`` or later)."""
     text = _render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < train_from:
             continue
         before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         upto = _render(tokenizer, messages[: i + 1])
@@ -79,9 +80,11 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(probe) and probe[0] == bos
 
 
-def encode_chat(tokenizer: Any, messages: Messages, max_length: int) -> dict[str, list[int]]:
+def encode_chat(tokenizer: Any, messages: Messages, max_length: int, train_from: int = 0) -> dict[str, list[int]]:
     """``input_ids``, ``attention_mask`` and ``labels`` (-100 outside assistant turns).
 
+    ``train_from`` leaves the assistant turns before that message index unlabelled too: a
+    preference pair labels only each side's answer, not assistant turns of the shared prompt.
     Sequences longer than ``max_length`` lose their tail. If that removes every assistant token,
     ``labels`` is all -100; callers must drop such examples (see ``num_label_tokens``), since a
     batch of them would give a NaN loss.
@@ -90,7 +93,7 @@ def encode_chat(tokenizer: Any, messages: Messages, max_length: int) -> dict[str
         raise TypeError("encode_chat needs a fast tokenizer (it uses return_offsets_mapping)")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(tokenizer, messages, train_from)
     enc = _tokenize(tokenizer, text, offsets=True)
     ids = enc["input_ids"][:max_length]
     labels = []

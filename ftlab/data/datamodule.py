@@ -5,8 +5,14 @@ the examples needs no tokenizer (so a classification run learns its label set be
 and its head are built). The training code then calls ``connect(tokenizer, ...)`` once the model
 is loaded, LitGPT style, and Lightning calls ``setup()`` and the dataloader hooks.
 
-Encoding runs once per distinct (prepared data, tokenizer and template, max_length, labels):
-the token ids are cached under ``cache_dir/tokenized`` and a second run reads them back.
+Encoding runs once per distinct (prepared data, tokenizer and template, labels, pairs): the
+token ids are cached under ``cache_dir/tokenized`` and a second run reads them back.
+
+Methods that compare two answers (reward model, DPO, ORPO, SimPO, KTO) call ``connect(...,
+pairs=True)``: every example is then encoded as a preference pair and batches hold
+``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels``, ``rejected_input_ids``,
+``rejected_attention_mask``, ``rejected_labels`` and ``index`` (the example's position in its
+split, so a method can keep per-example values such as reference log-probabilities).
 """
 
 from __future__ import annotations
@@ -21,17 +27,23 @@ from torch.utils.data import DataLoader, Dataset
 from ftlab.data.cache import cached_examples, rows_fingerprint, tokenizer_fingerprint
 from ftlab.data.chat_masking import IGNORE_INDEX
 from ftlab.data.schema import DataConfig
-from ftlab.data.encode import encode_example, example_kind, label_names, pad_id_of
+from ftlab.data.encode import PAIR_SIDES, encode_example, encode_pair, example_kind, label_names, pad_id_of
+from ftlab.data.formats import pair_record
 from ftlab.data.loading import Splits, load_splits, split_records
 from ftlab.data.packing import PackedCollator, PackingStats, pack
 from ftlab.data.prepare import PrepReport, drop_by_length
 from ftlab.errors import DataError
 
-__all__ = ["DataConfig", "FineTuneDataModule", "EncodedDataset", "PadCollator", "pad_id_of", "split_records"]
+__all__ = [
+    "DataConfig", "FineTuneDataModule", "EncodedDataset", "PAIR_KEYS", "PadCollator", "PairCollator", "pad_id_of",
+    "split_records",
+]
 
 log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+#: The keys of a pair batch (``connect(..., pairs=True)``), each a LongTensor.
+PAIR_KEYS = (*(f"{side}_{key}" for side in PAIR_SIDES for key in MODEL_KEYS), "index")
 UNTRUNCATED = 1 << 30  # encode whole, measure, then filter by length and truncate
 
 
@@ -67,15 +79,42 @@ class PadCollator:
         return out
 
 
+class PairCollator:
+    """A batch of preference pairs: each side right-padded to its own width like ``PadCollator``
+    (``chosen_*`` and ``rejected_*`` keys), and ``index``, each example's position in its split."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad = PadCollator(pad_id)
+
+    def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        out = {}
+        for side in PAIR_SIDES:
+            padded = self.pad([{key: ex[f"{side}_{key}"] for key in MODEL_KEYS} for ex in batch])
+            out.update({f"{side}_{key}": value for key, value in padded.items()})
+        out["index"] = torch.tensor([ex["index"] for ex in batch], dtype=torch.long)
+        return out
+
+
 def _truncate(example: dict[str, Any], max_length: int) -> dict[str, Any]:
     """The model's keys only, token lists cut to ``max_length``."""
-    return {k: (v[:max_length] if isinstance(v, list) else v) for k, v in example.items() if k in MODEL_KEYS}
+    keys = PAIR_KEYS if "index" in example else MODEL_KEYS
+    return {k: (v[:max_length] if isinstance(v, list) else v) for k, v in example.items() if k in keys}
 
 
 def _trained_tokens(example: dict[str, Any]) -> int:
-    """Targets the loss sees: after the causal shift the first token is never one."""
+    """Targets the loss sees: after the causal shift the first token is never one. For a pair,
+    those of its poorer side (a pair needs both answers)."""
+    if "index" in example:
+        return min(_trained_tokens({"labels": example[f"{side}_labels"]}) for side in PAIR_SIDES)
     labels = example["labels"]
     return 1 if not isinstance(labels, list) else sum(1 for x in labels[1:] if x != IGNORE_INDEX)
+
+
+def _describe(examples: list[dict]) -> str:
+    """What examples without a rejected side are, for the error of a pair request."""
+    first = examples[0]
+    keys = ", ".join(k for k in first if not k.startswith("_"))
+    return f"{example_kind(first)} examples (keys: {keys}; first: {first.get('_where', 'example 1')})"
 
 
 class FineTuneDataModule(pl.LightningDataModule):
@@ -96,6 +135,7 @@ class FineTuneDataModule(pl.LightningDataModule):
         self.packing_stats: PackingStats | None = None
         self.cache_hits: dict[str, bool] = {}
         self.length_reports: list[PrepReport] = []
+        self.pairs = False
 
     # -- examples (no tokenizer needed) ------------------------------------------------------------
     @property
@@ -117,6 +157,46 @@ class FineTuneDataModule(pl.LightningDataModule):
         return self.splits.val
 
     @property
+    def has_pairs(self) -> bool:
+        """Whether the validation examples carry a rejected side (preference data): they can be
+        scored as pairs (``val_pairs``), whatever the method trains on."""
+        return bool(self.val_records) and all(isinstance(r.get("rejected"), list) for r in self.val_records)
+
+    def pair_records(self, split: str = "validation") -> list[dict]:
+        """The examples of ``split`` ("train" or "validation") as preference pairs, in order:
+        ``{"index", "prompt", "chosen", "rejected", ...}`` (``ftlab.data.formats.pair_record``:
+        messages the sides share, then each side's messages after them), ``index`` being the
+        position in the split, the ``index`` of the pair batches."""
+        records = {"train": self.train_records, "validation": self.val_records}[split]
+        self._require_pairs(records, split)
+        return [{"index": i, **pair_record(r)} for i, r in enumerate(records)]
+
+    @property
+    def val_pairs(self) -> list[dict]:
+        """The held-out preference pairs as records (``pair_records("validation")``)."""
+        return self.pair_records("validation")
+
+    def check_pairs(self, method: str | None = None) -> None:
+        """DataError unless every training and validation example is a preference pair (what
+        ``connect(..., pairs=True)`` needs), naming ``method`` when given and what the data has.
+        Needs no tokenizer: a run can refuse a pair method before loading the model."""
+        self._require_pairs(self.train_records, "training", method)
+        self._require_pairs(self.val_records, "validation", method)
+
+    def _require_pairs(self, records: list[dict], split: str, method: str | None = None) -> None:
+        unpaired = [r for r in records if not isinstance(r.get("rejected"), list)]
+        if not unpaired:
+            return
+        what = _describe(unpaired) if len(unpaired) == len(records) else (
+            f"{len(unpaired)} of {len(records)} examples without one: {_describe(unpaired)}"
+        )
+        who = f"method '{method}'" if method else "the method"
+        raise DataError(
+            f"data '{self.cfg.name}': {who} needs preference pairs, prompt/chosen/rejected rows"
+            f" (data.format=preference, or data=preference), but the {split} data has {what}"
+        )
+
+    @property
     def kind(self) -> str:
         """``chat``, ``text`` or ``classification``: what the training examples hold."""
         return example_kind(self.train_records[0])
@@ -132,23 +212,44 @@ class FineTuneDataModule(pl.LightningDataModule):
         return label_names(self.train_records, self.cfg.labels)
 
     # -- tokens ------------------------------------------------------------------------------------
-    def connect(self, tokenizer: Any, max_length: int | None = None, cache_dir: Any = None, packing: bool | None = None) -> None:
+    def connect(
+        self, tokenizer: Any, max_length: int | None = None, cache_dir: Any = None, packing: bool | None = None,
+        pairs: bool = False,
+    ) -> None:
         """Attach the tokenizer; ``max_length`` (the model's context) caps ``cfg.max_length``;
         ``cache_dir`` enables the tokenized-data cache; ``packing`` can switch packing off for
-        methods that cannot take packed batches."""
+        methods that cannot take packed batches.
+
+        ``pairs=True`` (methods that compare a chosen and a rejected answer) encodes every example
+        as a pair: both loaders then give ``PAIR_KEYS`` batches (see ``PairCollator``). The data
+        must be preference data (a DataError says what it is otherwise), and packing must be off:
+        ``data.packing=true`` with pairs is a DataError unless ``packing=False`` is passed."""
         self.tokenizer = tokenizer
         self.max_length = self.cfg.max_length if max_length is None else min(self.cfg.max_length, max_length)
         self.cache_dir = cache_dir if self.cfg.cache else None
         self.packing = self.cfg.packing if packing is None else packing
-        self.collator = PadCollator(pad_id_of(tokenizer))
+        self.pairs = bool(pairs)
+        if self.pairs:
+            if self.packing:
+                raise DataError(
+                    "data.packing=true cannot be used with preference pairs: each side of a pair is its own"
+                    " padded sequence; set data.packing=false"
+                )
+            self.check_pairs()
+        self.collator = PairCollator(pad_id_of(tokenizer)) if self.pairs else PadCollator(pad_id_of(tokenizer))
         self.train_dataset = self.val_dataset = None  # re-encode with the new tokenizer
 
     def _encoded(self, examples: list[dict], split: str, label_ids: dict[str, int] | None) -> list[dict]:
         def build() -> list[dict]:
             out = []
-            for ex in examples:
-                enc = encode_example(self.tokenizer, ex, UNTRUNCATED, label_ids)
-                out.append({**enc, "length": len(enc["input_ids"])})
+            for index, ex in enumerate(examples):
+                if self.pairs:  # a pair's length is its longer side's
+                    enc = {**encode_pair(self.tokenizer, ex, UNTRUNCATED), "index": index}
+                    length = max(len(enc[f"{side}_input_ids"]) for side in PAIR_SIDES)
+                else:
+                    enc = encode_example(self.tokenizer, ex, UNTRUNCATED, label_ids)
+                    length = len(enc["input_ids"])
+                out.append({**enc, "length": length})
             return out
 
         if self.cache_dir is None:
@@ -158,7 +259,10 @@ class FineTuneDataModule(pl.LightningDataModule):
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
             "labels": label_ids,
         }
-        encoded, hit = cached_examples(self.cache_dir, key, build, label=f"{self.cfg.name}-{split}")
+        if self.pairs:  # added only for pairs: the entries of unpaired encodings keep their keys
+            key["pairs"] = True
+        label = f"{self.cfg.name}-{split}" + ("-pairs" if self.pairs else "")
+        encoded, hit = cached_examples(self.cache_dir, key, build, label=label)
         self.cache_hits[split] = hit
         return encoded
 
@@ -172,7 +276,9 @@ class FineTuneDataModule(pl.LightningDataModule):
         truncated = [_truncate(ex, self.max_length) for ex in within]
         kept = [ex for ex in truncated if _trained_tokens(ex) > 0]
         if len(kept) < len(truncated):
-            report.drop(f"no answer tokens left after truncation to max_length={self.max_length}", len(truncated) - len(kept))
+            sides = " in the chosen or the rejected side" if self.pairs else ""
+            report.drop(f"no answer tokens left{sides} after truncation to max_length={self.max_length}",
+                        len(truncated) - len(kept))
         self.length_reports.append(report)
         if report.dropped:
             log.warning("%s: dropped %d of %d %s examples: %s", c.name, len(encoded) - len(kept), len(encoded), split,
@@ -192,7 +298,8 @@ class FineTuneDataModule(pl.LightningDataModule):
         self.length_reports = []
         self.train_dataset = self._encode(self.train_records, "train", label_ids)
         self.val_dataset = self._encode(self.val_records, "validation", label_ids)
-        lengths = [len(ex["input_ids"]) for ex in self.train_dataset.examples]
+        lengths = [max(len(ex[f"{side}_input_ids"]) for side in PAIR_SIDES) if self.pairs else len(ex["input_ids"])
+                   for ex in self.train_dataset.examples]
         log.info(
             "%s: %d train / %d validation examples, train tokens mean %.1f max %d",
             self.cfg.name, len(self.train_dataset), len(self.val_dataset),
@@ -216,6 +323,8 @@ class FineTuneDataModule(pl.LightningDataModule):
         """What the data was and what preparation, caching and packing did, for metrics.json."""
         out = self.splits.summary()
         out["kind"] = self.kind
+        if self.pairs:
+            out["pairs"] = True
         if self.kind == "classification":
             out["labels"] = self.labels
         out["preparation"] += [r.as_dict() for r in self.length_reports]

@@ -5,7 +5,10 @@
 * text (``{"text": ...}``, continued pre-training): every token is trained on, and an EOS ends
   each document so the model learns where documents stop;
 * classification (``{"text": ..., "label": ...}``): the text's tokens and the label's index in
-  the label list; the model's sequence-classification head reads the last token.
+  the label list; the model's sequence-classification head reads the last token;
+* preference pairs (a chat with ``"rejected"``, for pair-taking methods): each side encoded as a
+  chat, ``chosen_*`` and ``rejected_*`` keys, labels on each side's answer only (the turns after
+  the messages both sides share), ``encode_pair``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ftlab.data.chat_masking import _tokenize, encode_chat
+from ftlab.data.formats import shared_prefix
 from ftlab.errors import DataError, ModelLoadError
 
-__all__ = ["encode_example", "example_kind", "label_names", "pad_id_of"]
+__all__ = ["PAIR_SIDES", "encode_example", "encode_pair", "example_kind", "label_names", "pad_id_of"]
+
+PAIR_SIDES = ("chosen", "rejected")
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -72,6 +78,21 @@ def encode_example(
             )
         return encode_classification(tokenizer, example, max_length, label_ids)
     return encode_text(tokenizer, example["text"], max_length)
+
+
+def encode_pair(tokenizer: Any, example: Mapping[str, Any], max_length: int) -> dict[str, list[int]]:
+    """``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels`` and the same for
+    ``rejected_``: each side (``messages``, ``rejected``) encoded by ``encode_chat`` and cut to
+    ``max_length`` on its own, labels on the assistant turns after the shared prompt only."""
+    if not isinstance(example.get("rejected"), list):
+        raise DataError(f"{example.get('_where', 'an example')}: no rejected conversation to pair with the chosen one")
+    chosen, rejected = example["messages"], example["rejected"]
+    start = shared_prefix(chosen, rejected)
+    out: dict[str, list[int]] = {}
+    for side, messages in zip(PAIR_SIDES, (chosen, rejected)):
+        encoded = encode_chat(tokenizer, messages, max_length, train_from=start)
+        out.update({f"{side}_{key}": value for key, value in encoded.items()})
+    return out
 
 
 def label_names(examples: Sequence[Mapping[str, Any]], given: Sequence[str] | None = None) -> list[str]:

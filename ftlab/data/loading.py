@@ -62,6 +62,10 @@ def _synthetic_rows(cfg: DataConfig) -> tuple[list[Row], list[Row], str]:
         from ftlab.data.topics import default_splits
 
         fmt = "classification"
+    elif cfg.synthetic == "preference":
+        from ftlab.data.synthetic import preference_splits as default_splits
+
+        fmt = "preference"
     else:
         from ftlab.data.synthetic import default_splits
 
@@ -76,15 +80,23 @@ def _content_key(example: dict) -> str:
     return json.dumps({k: v for k, v in example.items() if not k.startswith("_")}, sort_keys=True)
 
 
+def _prefixed(messages: list[dict], prefix: str) -> list[dict]:
+    messages = [dict(m) for m in messages]
+    for m in messages:
+        if m["role"] == "user":
+            m["content"] = f"{prefix}{m['content']}"
+            break
+    return messages
+
+
 def _with_prefix(example: dict, prefix: str) -> dict:
-    """The task prefix goes where the model reads the task: the first user turn, or the text."""
+    """The task prefix goes where the model reads the task: the first user turn (of both sides of
+    a preference pair), or the text."""
     if "messages" in example:
-        messages = [dict(m) for m in example["messages"]]
-        for m in messages:
-            if m["role"] == "user":
-                m["content"] = f"{prefix}{m['content']}"
-                break
-        return {**example, "messages": messages}
+        out = {**example, "messages": _prefixed(example["messages"], prefix)}
+        if isinstance(example.get("rejected"), list):
+            out["rejected"] = _prefixed(example["rejected"], prefix)
+        return out
     return {**example, "text": f"{prefix}{example['text']}"}
 
 

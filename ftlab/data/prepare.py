@@ -1,13 +1,14 @@
 """Configurable preparation of raw rows into training examples, with a report of what changed.
 
 Steps, in order: normalize whitespace in the raw record -> handle rows missing a required field
-(error, drop or fill) -> convert to the canonical example (``ftlab.data.formats``) -> drop exact
-duplicates -> add augmented copies (training split only). After tokenization the data module
+(error, drop or fill) -> convert to the canonical example (``ftlab.data.formats``; a ranked
+preference row becomes one example per pair) -> drop exact duplicates -> add augmented copies
+(training split only). After tokenization the data module
 calls ``drop_by_length``.
 
 Why a report: every dropped or filled row changes what a run trains on. ``PrepReport`` counts
 each reason so the log and ``metrics.json`` say what the model actually saw, and the invariant
-``rows - sum(dropped) + augmented == kept`` makes an unexpected loss of data visible.
+``rows - sum(dropped) + expanded + augmented == kept`` makes an unexpected loss of data visible.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ftlab.data.augment import discover_augmentations
-from ftlab.data.formats import NEEDS, missing_error, missing_fields, to_example
+from ftlab.data.formats import NEEDS, RANKED, missing_error, missing_fields, to_examples
 from ftlab.data.sources import Row
 from ftlab.errors import DataError
 
@@ -93,12 +94,15 @@ def _augmentations(names: Sequence[str]) -> dict[str, Any]:
 
 @dataclass
 class PrepReport:
-    """What preparation did to one source: rows read, dropped (by reason), filled, added, kept."""
+    """What preparation did to one source: rows read, dropped (by reason), filled, expanded
+    (ranked preference rows: the examples beyond one per row), added, kept."""
 
     source: str
     rows: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     filled: dict[str, int] = field(default_factory=dict)
+    ranked_rows: int = 0  # ranked preference rows (prompt + responses), each giving all its pairs
+    expanded: int = 0  # examples those rows added beyond one each
     augmented: int = 0
     kept: int = 0
 
@@ -115,6 +119,9 @@ class PrepReport:
         out = [f"{self.source}: {self.rows} rows read, {self.kept} examples kept"]
         out += [f"{self.source}: dropped {n} {_rows(n)}: {reason}" for reason, n in self.dropped.items()]
         out += [f"{self.source}: filled missing field '{name}' in {n} {_rows(n)}" for name, n in self.filled.items()]
+        if self.ranked_rows:
+            pairs = self.ranked_rows + self.expanded
+            out.append(f"{self.source}: {self.ranked_rows} ranked {_rows(self.ranked_rows)} gave {pairs} preference pairs")
         if self.augmented:
             out.append(f"{self.source}: added {self.augmented} augmented {'copy' if self.augmented == 1 else 'copies'}")
         return out
@@ -164,7 +171,7 @@ def prepare(
         record = _normalize(row.record) if cfg.normalize_whitespace else dict(row.record)
         missing = missing_fields(record, fmt)
         if missing and cfg.missing == "error":
-            raise missing_error(row.where, missing[0], fmt)
+            raise missing_error(row.where, missing[0], fmt, record)
         if missing and cfg.missing == "drop":
             names = ", ".join(f"'{m}'" for m in missing)
             report.drop(f"missing field{'s' if len(missing) > 1 else ''} {names}")
@@ -177,14 +184,19 @@ def prepare(
                 )
             record[name] = cfg.fill[name]
             report.filled[name] = report.filled.get(name, 0) + 1
-        example = to_example(Row(row.where, record), fmt)
-        if cfg.dedup:
-            key = _dedup_key(example)
-            if key in seen:
-                report.drop("duplicate")
-                continue
-            seen.add(key)
-        examples.append(example)
+        converted = to_examples(Row(row.where, record), fmt)
+        if fmt == "preference" and RANKED in record:
+            report.ranked_rows += 1
+            report.expanded += len(converted) - 1
+            report.kept += len(converted) - 1
+        for example in converted:
+            if cfg.dedup:
+                key = _dedup_key(example)
+                if key in seen:
+                    report.drop("duplicate")
+                    continue
+                seen.add(key)
+            examples.append(example)
     if train and cfg.augment:
         examples += _augment(examples, cfg, seed, report)
     if rows and not examples:

@@ -16,7 +16,7 @@ from ftlab.errors import DataError
 
 __all__ = ["DataConfig", "SourceConfig", "SYNTHETIC"]
 
-SYNTHETIC = ("instructions", "topics")  # the generators behind ``path: null``
+SYNTHETIC = ("instructions", "topics", "preference")  # the generators behind ``path: null``
 FORMAT_CHOICES = ("auto", "alpaca", "messages", "completion", "text", "classification", "preference")
 
 

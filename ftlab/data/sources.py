@@ -185,9 +185,12 @@ def write_splits_main(
     make_splits: Callable[[int, int, int], tuple[list[dict], list[dict]]],
     num_train: int,
     num_val: int,
+    alternatives: Mapping[str, tuple[str, Callable[[int, int, int], tuple[list[dict], list[dict]]]]] | None = None,
 ) -> None:
     """The command line of a generated dataset: ``--out DIR [--num-train N --num-val M --seed S]``
-    writes ``make_splits(num_train, num_val, seed)`` as ``train.jsonl`` and ``validation.jsonl``."""
+    writes ``make_splits(num_train, num_val, seed)`` as ``train.jsonl`` and ``validation.jsonl``;
+    each of ``alternatives`` (name -> (help, make_splits)) is a flag ``--name`` that writes its
+    data instead."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
@@ -195,7 +198,13 @@ def write_splits_main(
     parser.add_argument("--num-train", type=int, default=num_train)
     parser.add_argument("--num-val", type=int, default=num_val)
     parser.add_argument("--seed", type=int, default=0)
+    choices = dict(alternatives or {})
+    for name, (help_text, _) in choices.items():
+        parser.add_argument(f"--{name}", action="store_true", help=help_text)
     args = parser.parse_args(argv)
+    for name, (_, alternative) in choices.items():
+        if getattr(args, name.replace("-", "_")):
+            make_splits = alternative
     train, val = make_splits(args.num_train, args.num_val, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out / "train.jsonl", train)

@@ -9,9 +9,14 @@ chattily gains measurably from a few dozen steps of fine-tuning, mostly by learn
 Every generator draws only from the ``random.Random`` it is given (never the global ``random``),
 so the same seed always yields the same records.
 
+Preference data (``data=preference``): the same prompts as pairs, chosen = the right answer and
+rejected = a plausible wrong one made by the task's entry in ``WRONG_ANSWERS`` (an off-by-one
+sum, the words in the wrong order, the wrong case, another e-mail address, ...), in the task's
+answer format where it has one, never equal to the right answer. See ``preference_splits``.
+
 Command line::
 
-    python -m ftlab.data.synthetic --out DIR [--num-train N --num-val M --seed S]
+    python -m ftlab.data.synthetic --out DIR [--num-train N --num-val M --seed S] [--preference]
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from typing import Callable, Sequence
 
 from ftlab.errors import ConfigError
 
-__all__ = ["TASKS", "generate", "default_splits", "exact_match", "make_record", "main"]
+__all__ = [
+    "TASKS", "WRONG_ANSWERS", "generate", "default_splits", "exact_match", "make_record", "preference_record",
+    "preference_splits", "wrong_answer", "main",
+]
 
 TaskFn = Callable[[random.Random], tuple[str, str]]
 
@@ -136,6 +144,90 @@ TASKS: dict[str, TaskFn] = {
 }
 
 
+# ---------------------------------------------------------------- wrong answers (preference data)
+# Each takes the right answer and a generator and returns a plausible wrong answer to the same
+# prompt: the mistake a model makes on that task, in the task's answer format where it has one.
+
+
+def _off_by(answer: str, rng: random.Random, steps: Sequence[int], low: int = 0) -> str:
+    """The number ``answer`` moved by one of ``steps`` (staying >= ``low``)."""
+    value = int(answer)
+    options = [value + d for d in steps if value + d >= low and d != 0]
+    return str(rng.choice(options))
+
+
+def _wrong_case(answer: str, rng: random.Random) -> str:
+    words = answer.split(" ")
+    options = [
+        answer.lower(),  # not converted
+        answer.title(),  # capitalized only
+        " ".join([words[0], *(w.lower() for w in words[1:])]),  # stopped after the first word
+    ]
+    return rng.choice([o for o in options if o != answer])
+
+
+def _wrong_order(answer: str, rng: random.Random) -> str:
+    words = answer.split(" ")
+    i = rng.randrange(len(words) - 1)
+    swapped = [*words[:i], words[i + 1], words[i], *words[i + 2:]]
+    return rng.choice([" ".join(reversed(words)), " ".join(swapped)])  # not reversed, or two words swapped
+
+
+def _wrong_email(answer: str, rng: random.Random) -> str:
+    local, domain = answer.split("@")
+    name, word = local.split(".", 1)
+    other = rng.choice([d for d in _DOMAINS if d != domain])
+    return rng.choice([f"{local}@{other}", f"{word}.{name}@{domain}", f"{name}@{domain}"])
+
+
+def _missorted(answer: str, rng: random.Random) -> str:
+    numbers = answer.split(", ")
+    i = rng.randrange(len(numbers) - 1)
+    swapped = [*numbers[:i], numbers[i + 1], numbers[i], *numbers[i + 2:]]
+    shuffled = list(numbers)
+    while shuffled == numbers:  # distinct numbers: some order differs
+        rng.shuffle(shuffled)
+    options = [list(reversed(numbers)), swapped, shuffled]  # descending, two swapped, unsorted
+    return ", ".join(rng.choice(options))
+
+
+def _wrong_json(answer: str, rng: random.Random) -> str:
+    data = json.loads(answer)
+    name, age = data["name"], data["age"]
+    return rng.choice([
+        json.dumps({"name": name, "age": age + rng.choice((-1, 1))}),  # the wrong age
+        json.dumps({"name": name, "age": str(age)}),  # the age as a string
+        f"{{'name': '{name}', 'age': {age}}}",  # not JSON: single quotes
+    ])
+
+
+WRONG_ANSWERS: dict[str, Callable[[str, random.Random], str]] = {
+    "add": lambda a, rng: _off_by(a, rng, (-1, 1)),
+    "subtract": lambda a, rng: _off_by(a, rng, (-1, 1)),
+    "uppercase": _wrong_case,
+    "reverse_words": _wrong_order,
+    "extract_email": _wrong_email,
+    "extract_year": lambda a, rng: _off_by(a, rng, (-10, -1, 1, 10)),
+    "extract_number": lambda a, rng: _off_by(a, rng, (-10, -1, 1, 10), low=1),
+    "sort_numbers": _missorted,
+    "count_words": lambda a, rng: _off_by(a, rng, (-1, 1), low=1),
+    "to_json": _wrong_json,
+}
+
+
+def wrong_answer(task: str, answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer of ``task`` (``WRONG_ANSWERS``); never equal to ``answer``."""
+    wrong = WRONG_ANSWERS[task](answer, rng)
+    if exact_match(wrong, answer):
+        raise AssertionError(f"task {task!r}: the wrong answer to {answer!r} is the right one")
+    return wrong
+
+
+def preference_record(task: str, prompt: str, answer: str, rejected: str) -> dict:
+    """One preference row (``data.format=preference``); ``answer`` stays for exact-match evaluation."""
+    return {"prompt": prompt, "chosen": answer, "rejected": rejected, "task": task, "answer": answer}
+
+
 def make_record(task: str, prompt: str, answer: str) -> dict:
     """One chat record in the project's normalized form (see ``ftlab.data.sources``)."""
     return {
@@ -202,6 +294,22 @@ def default_splits(
     return train, val
 
 
+def preference_splits(
+    num_train: int, num_val: int, seed: int, tasks: Sequence[str] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """``default_splits`` as preference rows: the same prompts and split, chosen = the right answer,
+    rejected = ``wrong_answer`` drawn from a generator seeded by the seed and the prompt (so a
+    record's rejected answer does not depend on which other records were drawn)."""
+
+    def pair(record: dict) -> dict:
+        prompt, answer = record["messages"][0]["content"], record["answer"]
+        rng = random.Random(f"ftlab-synthetic-rejected-{seed}-{prompt}")
+        return preference_record(record["task"], prompt, answer, wrong_answer(record["task"], answer, rng))
+
+    train, val = default_splits(num_train, num_val, seed, tasks)
+    return [pair(r) for r in train], [pair(r) for r in val]
+
+
 def exact_match(prediction: str, answer: str) -> bool:
     """True when the prediction is the answer, ignoring surrounding whitespace only."""
     return prediction.strip() == answer.strip()
@@ -211,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Write ``train.jsonl`` and ``validation.jsonl`` of the default synthetic data to ``--out``."""
     from ftlab.data.sources import write_splits_main
 
-    write_splits_main(argv, main.__doc__, default_splits, num_train=2000, num_val=200)
+    write_splits_main(argv, main.__doc__, default_splits, num_train=2000, num_val=200,
+                      alternatives={"preference": ("write preference rows (prompt, chosen, rejected)", preference_splits)})
 
 
 if __name__ == "__main__":

@@ -171,7 +171,8 @@ def test_detect_unknown_keys_lists_what_each_format_needs() -> None:
         " alpaca needs instruction, output; input and system are optional;"
         " messages needs messages (a list of {role, content}) or conversations (ShareGPT: a list of {from, value});"
         " completion needs prompt, completion (or response); text needs text; classification needs text, label;"
-        " preference needs prompt, chosen, rejected. Rename the fields, or set data.format=..."
+        " preference needs prompt, chosen, rejected; or prompt, responses (answers ranked best first)."
+        " Rename the fields, or set data.format=..."
     ):
         detect_format(rows, "d.csv")
 
@@ -194,13 +195,13 @@ def test_detect_rows_of_different_formats() -> None:
     ("record", "fmt", "message"),
     [
         ({"instruction": "i"}, "alpaca", "missing field 'output' (format alpaca needs instruction, output; input and system are optional)"),
-        ({"instruction": "i", "output": "  \n"}, "alpaca", "missing field 'output' (format alpaca needs instruction, output; input and system are optional)"),
+        ({"instruction": "i", "output": "  \n"}, "alpaca", "field 'output' is empty (format alpaca needs instruction, output; input and system are optional)"),
         ({"prompt": "p"}, "completion", "missing field 'completion' (format completion needs prompt, completion (or response))"),
-        ({"text": ""}, "text", "missing field 'text' (format text needs text)"),
-        ({"text": "t", "label": ""}, "classification", "missing field 'label' (format classification needs text, label)"),
+        ({"text": ""}, "text", "field 'text' is empty (format text needs text)"),
+        ({"text": "t", "label": ""}, "classification", "field 'label' is empty (format classification needs text, label)"),
         ({"text": "t", "label": None}, "classification", "missing field 'label' (format classification needs text, label)"),
-        ({"prompt": "p", "chosen": "c"}, "preference", "missing field 'rejected' (format preference needs prompt, chosen, rejected)"),
-        ({"messages": []}, "messages", "missing field 'messages' (format messages needs messages (a list of {role, content}) or conversations (ShareGPT: a list of {from, value}))"),
+        ({"prompt": "p", "chosen": "c"}, "preference", "missing field 'rejected' (format preference needs prompt, chosen, rejected; or prompt, responses (answers ranked best first))"),
+        ({"messages": []}, "messages", "field 'messages' is empty (format messages needs messages (a list of {role, content}) or conversations (ShareGPT: a list of {from, value}))"),
     ],
 )
 def test_missing_or_empty_field(record: dict, fmt: str, message: str) -> None:

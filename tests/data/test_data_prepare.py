@@ -28,7 +28,7 @@ def _prep(records: list[dict], fmt: str = "alpaca", train: bool = False, seed: i
 
 
 def _consistent(report: PrepReport) -> bool:
-    return report.rows - sum(report.dropped.values()) + report.augmented == report.kept
+    return report.rows - sum(report.dropped.values()) + report.expanded + report.augmented == report.kept
 
 
 # ---------------------------------------------------------------- whitespace
@@ -72,9 +72,13 @@ ROWS = [
 
 def test_missing_error_names_the_row_and_field() -> None:
     with _raises(
-        "d.jsonl line 2: missing field 'output' (format alpaca needs instruction, output; input and system are optional)"
+        "d.jsonl line 2: field 'output' is empty (format alpaca needs instruction, output; input and system are optional)"
     ):
         _prep(ROWS)
+    with _raises(
+        "d.jsonl line 1: missing field 'output' (format alpaca needs instruction, output; input and system are optional)"
+    ):
+        _prep(ROWS[2:])
 
 
 def test_missing_drop_counts_reasons() -> None:
@@ -137,6 +141,8 @@ def test_report_dict_and_lines() -> None:
         "rows": 6,
         "dropped": {"missing field 'output'": 2, "missing field 'instruction'": 1, "duplicate": 1},
         "filled": {},
+        "ranked_rows": 0,
+        "expanded": 0,
         "augmented": 0,
         "kept": 2,
     }
