@@ -33,5 +33,7 @@ class TokenThroughput(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.seconds += time.perf_counter() - self._start
-        self.tokens += real_tokens(batch) * trainer.world_size if isinstance(batch, dict) else 0
+        rollout = getattr(getattr(pl_module, "method", None), "last_step_tokens", None)  # an RL method's rollouts
+        count = rollout if rollout is not None else real_tokens(batch) if isinstance(batch, dict) else 0
+        self.tokens += count * trainer.world_size
         pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, prog_bar=True, rank_zero_only=True)

@@ -9,11 +9,15 @@ of the first batch of the accumulation window), then for each batch of the windo
 ``zero_grad`` (first batch only) and backward, then ``optimizer.step()`` and
 ``on_step_end(model, k)``. What the method logs during training goes to Lightning's
 ``self.log("method/<name>")`` and its last value into ``method_metrics``, for ``metrics.json``.
+``before_training(model, batches)`` runs once per ``fit``, in ``on_train_start`` (after the
+optimizer is built and the model is on its device, before step 0), with the training batches in
+order. Validation logs each of the method's ``validation_metrics`` as ``val/<name>`` (the epoch's
+mean, weighted by batch size); their names are kept in ``validation_names``, for ``metrics.json``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -21,7 +25,7 @@ from torch import nn
 
 from ftlab.evaluation.classification import ClassificationMetrics
 from ftlab.errors import MethodError
-from ftlab.methods.base import BaseMethod
+from ftlab.methods.base import BaseMethod, batch_size
 from ftlab.models.quant import keep_standard_4bit_layout
 
 
@@ -45,6 +49,8 @@ class FineTuneModule(pl.LightningModule):
         self.classification_metrics: dict[str, Any] = {}
         # what the method logged during training: the last value of each name, for metrics.json
         self.method_metrics: dict[str, float] = {}
+        # the names of the method's validation_metrics, logged as val/<name>, in the order given
+        self.validation_names: list[str] = []
         self._step_started = -1  # the global_step whose on_train_step_start has run
         method._log_sink = self._log_method_metric
 
@@ -62,6 +68,27 @@ class FineTuneModule(pl.LightningModule):
         # a model built outside ftlab.models.loading.load_model (a plugin's own) is guarded here too
         keep_standard_4bit_layout(self.model)
 
+    def on_train_start(self) -> None:
+        self.method.before_training(self.model, self._training_batches())
+
+    def _training_batches(self) -> Iterator[Mapping[str, torch.Tensor]]:
+        """Every training batch once, in the data's order, on the model's device: a fresh
+        unshuffled loader over the data module's training set (iterating the shuffled one would
+        advance its generator and change the order training sees), else the trainer's own loader."""
+        from pytorch_lightning.utilities import move_data_to_device
+        from torch.utils.data import DataLoader
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "train_dataset", None)
+        collate = getattr(datamodule, "train_collator", None)
+        if dataset is not None and collate is not None:
+            loader: Any = DataLoader(dataset, batch_size=datamodule.cfg.batch_size, shuffle=False, collate_fn=collate)
+        else:
+            loader = self.trainer.train_dataloader
+            loader = getattr(loader, "flattened", [loader])[0]  # Lightning's CombinedLoader holds the user's
+        for batch in loader:
+            yield move_data_to_device(batch, self.device)
+
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
 
@@ -78,18 +105,28 @@ class FineTuneModule(pl.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train/loss is {loss.item()} at step {self.global_step}")
         self.train_losses.append(float(loss.detach()))
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch_size(batch))
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.metrics is None:
-            loss = self.method.loss(self.model, batch)
-        else:  # one forward gives the loss and the logits the metrics need
+        size = batch_size(batch)
+        if self.metrics is not None:  # one forward gives the loss and the logits the metrics need
             outputs = self.model(**self.method.model_inputs(batch))
-            loss = outputs.loss
             self.metrics.update(outputs.logits.detach(), batch["labels"])
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+            self.log("val/loss", outputs.loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size)
+            if "loss" not in self.validation_names:
+                self.validation_names.append("loss")
+            return outputs.loss
+        values = dict(self.method.validation_metrics(self.model, batch))
+        if "loss" not in values:
+            raise MethodError(f"method '{self.method.config.name}': validation_metrics returned {sorted(values)}, "
+                              "without 'loss' (val/loss, the run's validation loss)")
+        for name, value in values.items():
+            number = self.method.metric_value(name, value)
+            self.log(f"val/{name}", number, on_epoch=True, prog_bar=name == "loss", sync_dist=True, batch_size=size)
+            if name not in self.validation_names:
+                self.validation_names.append(name)
+        return values["loss"]
 
     def on_validation_epoch_end(self) -> None:
         if self.metrics is None:

@@ -42,6 +42,14 @@ reason, never as passed. What each check guarantees:
   method declares in ``metrics`` was logged during training, reaching the run's logger as
   ``method/<name>`` and the training module's ``method_metrics`` (``metrics.json``'s
   ``method_metrics`` is written from it).
+- ``check_validation_metrics``: ``validation_metrics`` (eval mode, no gradients) returns one number
+  per valid name, among them ``loss``, equal to ``loss(model, batch)`` in eval mode; and (in
+  ``check_training_hooks``) a Lightning validation through the training module logs each as
+  ``val/<name>``, and ``before_training`` ran once per fit, before step 0, with the model that
+  trains and every training batch.
+- ``check_batch_kind_and_head``: the fixed batch is of the method's ``batch_kind`` (``preference``:
+  pairs from ``data=preference``, encoded by the data module with ``pairs=True``, so every other
+  check runs on pairs), and the model's output is its ``head`` (a reward head: one per sequence).
 - ``check_quantized_base``: on each quantized base the method claims (``nf4``, ``fp4``, ``int8``;
   the others are skipped), the base really is held quantized, stays frozen, and the steps,
   save/load and merge checks hold there too.
@@ -109,18 +117,31 @@ class ContractRun:
     initial_logits: torch.Tensor | None = None  # the model as ``apply`` left it (``train_until_moved``)
 
     def inputs(self) -> dict[str, Any]:
-        """The model inputs without labels, for comparing logits."""
+        """The model inputs without labels, for comparing logits (of a preference batch: its
+        chosen sequences, the model's own input)."""
+        if self.method.batch_kind == "preference":
+            return {"input_ids": self.batch["chosen_input_ids"], "attention_mask": self.batch["chosen_attention_mask"]}
+        if self.method.batch_kind == "prompt":
+            return {"input_ids": self.batch["prompt_input_ids"], "attention_mask": self.batch["prompt_attention_mask"]}
         return {k: v for k, v in self.method.model_inputs(self.batch).items() if k != "labels"}
 
 
 def contract_run(method: str, overrides: Sequence[str] = (), cache_dir: str | Path | None = None,
                  output_dir: str | Path | None = None) -> ContractRun:
-    """Compose ``model=tiny method=<method>`` (plus ``overrides``), load the base, apply the method."""
-    from ftlab.data.datamodule import FineTuneDataModule
-    from ftlab.build import load_base
+    """Compose ``model=tiny method=<method>`` (plus ``overrides``), load the base, apply the method.
 
+    The fixed batch is of the method's ``batch_kind``: for ``"preference"`` a batch of pairs from
+    ``data=preference`` (unless ``overrides`` choose other pair data), encoded by the data module
+    as a run encodes them (``connect(..., pairs=True)``)."""
+    from ftlab.data.datamodule import FineTuneDataModule
+    from ftlab.build import CONNECT_KWARGS, load_base
+
+    kind = _accepted_class(method).batch_kind
+    pairs = kind == "preference"
     settings = ["model=tiny", f"method={method}", "logger=none", "callbacks=none", "data.num_train=16",
                 "data.num_val=8", "data.batch_size=4"]
+    if pairs and not any(o.split("=", 1)[0].lstrip("+~") == "data" for o in overrides):
+        settings.append("data=preference")
     if cache_dir is not None:
         settings.append(f"paths.cache_dir={cache_dir}")
     if output_dir is not None:
@@ -131,8 +152,11 @@ def contract_run(method: str, overrides: Sequence[str] = (), cache_dir: str | Pa
     applied, base, tokenizer = load_base(cfg, labels)
     base_ids = {id(p) for p in base.parameters()}
     model = applied.apply(base)
-    data.connect(tokenizer, max_length=getattr(model.config, "max_position_embeddings", None))
+    data.connect(tokenizer, max_length=getattr(model.config, "max_position_embeddings", None),
+                 **({**CONNECT_KWARGS[kind], "packing": False} if kind != "sft" else {}))
     data.setup("fit")
+    if kind == "prompt":  # an RL method reads each prompt's example, as ftlab.build gives them
+        applied.use_data(tokenizer, data.train_records, data.val_records)
     batch = next(iter(data.train_dataloader()))
     return ContractRun(method, cfg, applied, model, base_ids, dict(batch), labels)
 
@@ -148,10 +172,14 @@ def _who(run: ContractRun) -> str:
     return f"method '{run.name}'"
 
 
-def _accepted(method: str) -> tuple[str, ...]:
+def _accepted_class(method: str) -> type[BaseMethod]:
     from ftlab.registry import get_registry
 
-    return tuple(get_registry().get(method).cls.quantizations)
+    return get_registry().get(method).cls
+
+
+def _accepted(method: str) -> tuple[str, ...]:
+    return tuple(_accepted_class(method).quantizations)
 
 
 # -- the checks -----------------------------------------------------------------------------------
@@ -255,6 +283,9 @@ def _train_until(run: ContractRun, measure: Callable[[], float], enough: float, 
 
 
 def check_loss_falls(run: ContractRun) -> None:
+    if run.method.batch_kind == "prompt":
+        pytest.skip(f"{_who(run)} learns from rewards: its loss is a policy-gradient surrogate (about 0 at every step, "
+                    "a group's advantages summing to 0) whose value need not fall; its reward rising shows learning")
     first = _eval_loss(run)
     steps, drop = _train_until(run, lambda: (first - _eval_loss(run)) / abs(first), LOSS_MIN_DROP, LOSS_ROUND,
                                LOSS_MAX_STEPS)
@@ -384,10 +415,22 @@ class HookCall:
     unheld: list[str]  # parameters requiring grad after the hook that the optimizer does not hold
 
 
+@dataclass
+class PrepareCall:
+    """One call of ``before_training`` during ``check_training_hooks``."""
+
+    step_hooks_before: int  # step-hook calls that came before it (0: it ran before step 0)
+    model: nn.Module
+    batches: list[Mapping[str, torch.Tensor]]  # what its ``batches`` yielded
+
+
 @contextlib.contextmanager
-def _spied_hooks(method: BaseMethod, calls: list[HookCall]) -> Iterator[None]:
-    """Record every call of the method's step hooks (the method's own code still runs)."""
-    start, end = method.on_train_step_start, method.on_step_end
+def _spied_hooks(method: BaseMethod, calls: list[HookCall],
+                 prepared: list[PrepareCall] | None = None) -> Iterator[None]:
+    """Record every call of the method's step hooks and of ``before_training`` (the method's own
+    code still runs; ``before_training`` gets the batches as a list)."""
+    start, end, prepare = method.on_train_step_start, method.on_step_end, method.before_training
+    hooks = ("on_train_step_start", "on_step_end", "before_training")
 
     def on_train_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, global_step: int) -> None:
         start(model, optimizer, global_step)
@@ -399,12 +442,19 @@ def _spied_hooks(method: BaseMethod, calls: list[HookCall]) -> Iterator[None]:
         end(model, global_step)
         calls.append(HookCall("on_step_end", global_step, model, None, []))
 
-    shadowed = {k: vars(method)[k] for k in ("on_train_step_start", "on_step_end") if k in vars(method)}
+    def before_training(model: nn.Module, batches: Any) -> None:
+        given = list(batches)
+        if prepared is not None:
+            prepared.append(PrepareCall(len(calls), model, given))
+        prepare(model, given)
+
+    shadowed = {k: vars(method)[k] for k in hooks if k in vars(method)}
     method.on_train_step_start, method.on_step_end = on_train_step_start, on_step_end  # type: ignore[method-assign]
+    method.before_training = before_training  # type: ignore[method-assign]
     try:
         yield
     finally:
-        for key in ("on_train_step_start", "on_step_end"):
+        for key in hooks:
             if key in shadowed:
                 setattr(method, key, shadowed[key])
             else:
@@ -431,9 +481,18 @@ def check_training_hooks(run: ContractRun, directory: str | Path, steps: int = H
                          limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(directory))
     batches = torch.utils.data.DataLoader(_FixedBatches(run.batch, steps * accumulate), batch_size=None)
-    with _spied_hooks(run.method, calls), warnings.catch_warnings():
+    prepared: list[PrepareCall] = []
+    with _spied_hooks(run.method, calls, prepared), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*validation_step.* but have no `val_dataloader`")
         trainer.fit(module, train_dataloaders=batches)
+
+    assert len(prepared) == 1, f"{_who(run)}: before_training was called {len(prepared)} times in one fit, not once"
+    first = prepared[0]
+    assert first.step_hooks_before == 0, f"{_who(run)}: before_training ran after {first.step_hooks_before} step hooks, not before step 0"
+    assert first.model is run.model, f"{_who(run)}: before_training got another model than the one training"
+    assert len(first.batches) == steps * accumulate and all(set(b) == set(run.batch) for b in first.batches), (
+        f"{_who(run)}: before_training's batches were {len(first.batches)} batches, not the run's {steps * accumulate} "
+        "training batches once each")
 
     expected = [(hook, k) for k in range(steps) for hook in ("on_train_step_start", "on_step_end")]
     got = [(c.hook, c.global_step) for c in calls]
@@ -458,7 +517,72 @@ def check_training_hooks(run: ContractRun, directory: str | Path, steps: int = H
         )
         shown = logger.last(f"method/{name}")
         assert shown is not None, f"{_who(run)}: metric '{name}' never reached the run's logger as 'method/{name}'"
+    _check_validation_logged(run, module, directory)
     return calls
+
+
+def _check_validation_logged(run: ContractRun, module: Any, directory: str | Path) -> None:
+    """A Lightning validation through the training module logs every ``validation_metrics`` name
+    as ``val/<name>`` with the epoch's mean (two copies of the fixed batch: the batch's value)."""
+    import pytorch_lightning as pl
+
+    expected = _validation_values(run)
+    on_gpu = any(p.is_cuda for p in run.model.parameters())
+    trainer = pl.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(directory))
+    batches = torch.utils.data.DataLoader(_FixedBatches(run.batch, 2), batch_size=None)
+    (logged,) = trainer.validate(module, dataloaders=batches, verbose=False)
+    for name, value in expected.items():
+        key = f"val/{name}"
+        assert key in logged, f"{_who(run)}: validation metric '{name}' was not logged as '{key}' (logged: {sorted(logged)})"
+        assert abs(float(logged[key]) - value) <= 1e-4 * max(1.0, abs(value)), (
+            f"{_who(run)}: '{key}' logged {float(logged[key]):.6g}, not the batch's {value:.6g}")
+    assert list(expected) == [n for n in module.validation_names if n in expected], (
+        f"{_who(run)}: the training module kept validation names {module.validation_names}, not {list(expected)}")
+
+
+@torch.no_grad()
+def _validation_values(run: ContractRun) -> dict[str, float]:
+    run.model.eval()
+    values = run.method.validation_metrics(run.model, run.batch)
+    return {name: run.method.metric_value(name, value) for name, value in values.items()}
+
+
+def check_validation_metrics(run: ContractRun) -> None:
+    """``validation_metrics`` (eval mode, no gradients) gives one number per valid name, among them
+    ``loss``, equal to ``loss(model, batch)`` in eval mode: what ``val/loss`` reports is the loss."""
+    try:
+        values = _validation_values(run)
+    except MethodError as bad:
+        pytest.fail(f"{_who(run)}: validation_metrics gave a value that is no metric: {bad}", pytrace=False)
+    assert "loss" in values, f"{_who(run)}: validation_metrics returned {sorted(values)}, without 'loss'"
+    loss = _eval_loss(run)
+    assert abs(values["loss"] - loss) <= 1e-5 * max(1.0, abs(loss)), (
+        f"{_who(run)}: validation_metrics' loss is {values['loss']:.6g}, but loss() in eval mode is {loss:.6g}")
+
+
+def check_batch_kind_and_head(run: ContractRun) -> None:
+    """The fixed batch is of the method's ``batch_kind`` (as the data module gives it in a run), and
+    the model's output layer is its ``head``: the LM head (or a task=classification head), or one
+    reward per sequence."""
+    from ftlab.methods.base import BATCH_KINDS, HEADS
+
+    method = run.method
+    assert method.batch_kind in BATCH_KINDS, f"{_who(run)}: batch_kind {method.batch_kind!r} is none of {BATCH_KINDS}"
+    assert method.head in HEADS, f"{_who(run)}: head {method.head!r} is none of {HEADS}"
+    wanted = {"sft": {"input_ids", "attention_mask", "labels"},
+              "preference": {f"{side}_{key}" for side in ("chosen", "rejected")
+                             for key in ("input_ids", "attention_mask", "labels")} | {"index"},
+              "prompt": {"prompt_input_ids", "prompt_attention_mask", "index", "split"}}[method.batch_kind]
+    assert wanted <= set(run.batch), f"{_who(run)}: a {method.batch_kind} batch lacks {sorted(wanted - set(run.batch))}"
+    if method.batch_kind == "prompt":  # the model's input is generated from the prompts: nothing fixed to run here
+        return
+    logits = _logits(run.model, run.inputs())
+    if method.head == "reward":
+        assert logits.dim() == 2 and logits.shape[-1] == 1, (
+            f"{_who(run)}: a reward head gives one output per sequence, not logits of shape {tuple(logits.shape)}")
+    elif run.labels is None:
+        assert logits.dim() == 3, f"{_who(run)}: an LM head gives [batch, tokens, vocab] logits, not {tuple(logits.shape)}"
 
 
 # -- quantized bases ------------------------------------------------------------------------------
@@ -635,6 +759,12 @@ class MethodContract:
 
     def test_step_hooks_and_metrics_in_a_training_run(self, run: ContractRun, tmp_path: Path) -> None:
         check_training_hooks(run, tmp_path / "hooks")
+
+    def test_validation_metrics_hold_the_loss(self, run: ContractRun) -> None:
+        check_validation_metrics(run)
+
+    def test_batch_kind_and_head(self, run: ContractRun) -> None:
+        check_batch_kind_and_head(run)
 
     @pytest.mark.parametrize("quant", QUANTIZED_CHECKED)
     def test_quantized_base_trains_saves_and_loads(self, quant: str, contract_cache: Path, tmp_path: Path) -> None:

@@ -28,12 +28,13 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
 
-from ftlab.build import Run, build, final_scores, generation_records
+from ftlab.build import Run, build, final_scores, generation_records, pair_records, reward_records
 from ftlab.callbacks import TokenThroughput
 from ftlab.errors import FtlabError
 from ftlab.sweeps.pruning import OptunaPruning, trial_for_this_job
 from ftlab.models.quant import count_quantized_linear
 from ftlab.results import PeakMemory, Stopwatch, folder_mb, loss_summary, read_metrics, write_metrics
+from ftlab.evaluation.rewards import RolloutSamples
 from ftlab.evaluation.samples import GenerationSamples
 
 log = logging.getLogger("ftlab")
@@ -77,6 +78,13 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
         callbacks.append(GenerationSamples(records, run.tokenizer, num_samples=int(cfg.eval.num_samples),
                                            max_new_tokens=cfg.eval.max_new_tokens, out_file=out / SAMPLES_FILE,
                                            checker=cfg.eval.checker))
+    prompts = reward_records(cfg, run.datamodule)
+    if prompts and int(cfg.eval.num_samples) > 0:  # an RL method: sampled answers with their rewards
+        m = cfg.method
+        callbacks.append(RolloutSamples(prompts, run.tokenizer, str(m.reward), num_prompts=int(cfg.eval.num_samples),
+                                        num_generations=min(2, int(m.num_generations)), temperature=float(m.temperature),
+                                        top_p=float(m.top_p), max_new_tokens=int(m.max_new_tokens), seed=int(cfg.seed),
+                                        out_file=out / SAMPLES_FILE))
     trial = trial_for_this_job()
     pruning = OptunaPruning(trial) if trial is not None else None
     if pruning is not None:
@@ -102,12 +110,14 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
         # the last value of each metric the method logged during training (BaseMethod.log)
         "method_metrics": dict(run.module.method_metrics),
     }
+    result.update(validation_record(trainer, run.module.validation_names))
     if pruning is not None:
         result["pruned_at_step"] = pruning.pruned_at_step
     result["data"] = run.datamodule.summary()
     result.update(final_scores(cfg, run.model, run.tokenizer, run.method,
                                classification=run.module.classification_metrics, records=records,
-                               base_score=run.base_score))
+                               base_score=run.base_score, pairs=pair_records(cfg, run.datamodule),
+                               base_preference=run.base_preference, prompts=prompts, base_reward=run.base_reward))
     if cfg.save_model and trainer.is_global_zero:
         saved = run.method.save(run.model, out / run.method.artifact)
         run.tokenizer.save_pretrained(saved)
@@ -115,6 +125,18 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
         result["artifact_mb"] = round(folder_mb(saved, "*.safetensors"), 3)
         log.info("saved %s to %s", run.method.artifact, saved)
     return result
+
+
+def validation_record(trainer: pl.Trainer, names: list[str]) -> dict[str, Any]:
+    """The last validation's values of the method's ``validation_metrics``: all of them under
+    ``val_metrics`` ({name: value}), and each but the loss (already ``val_loss``) also top-level as
+    ``val_<name>`` with ``/`` spelt ``_`` (``rewards/accuracy`` -> ``val_rewards_accuracy``)."""
+    values = {name: _metric(trainer, f"val/{name}") for name in names}
+    out: dict[str, Any] = {"val_metrics": values}
+    for name, value in values.items():
+        if name != "loss":
+            out[f"val_{name.replace('/', '_')}"] = value
+    return out
 
 
 def _completed_record(out: Path) -> dict[str, Any] | None:
@@ -171,6 +193,7 @@ def _base_record(cfg: DictConfig) -> dict[str, Any]:
         "wall_s": None,
         "max_steps": cfg.trainer.max_steps,
         "method_metrics": None,
+        "val_metrics": None,
     }
     if HydraConfig.initialized():
         hc = HydraConfig.get()

@@ -27,8 +27,10 @@ def test_multirun_over_every_registered_method(tmp_path: Path, cache_dir: Path) 
     methods = sorted(get_registry().methods)
     assert len(methods) >= 16
     sweep = tmp_path / "sweep"
-    out = _ftlab("-m", f"method={','.join(methods)}", "trainer.max_steps=3", f"hydra.sweep.dir={sweep}", *TINY,
-                 cache=cache_dir)
+    # preference data: SFT methods train on the chosen answers, preference methods on the pairs,
+    # RL methods on the prompts, so every method runs on one data set
+    out = _ftlab("-m", f"method={','.join(methods)}", "data=preference", "trainer.max_steps=3",
+                 f"hydra.sweep.dir={sweep}", *TINY, cache=cache_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_", 1)[0]))
     assert [p.name for p in jobs] == [f"{i}_{m}" for i, m in enumerate(methods)]

@@ -13,6 +13,15 @@ pairs=True)``: every example is then encoded as a preference pair and batches ho
 ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels``, ``rejected_input_ids``,
 ``rejected_attention_mask``, ``rejected_labels`` and ``index`` (the example's position in its
 split, so a method can keep per-example values such as reference log-probabilities).
+
+RL methods (GRPO) generate their own answers and call ``connect(..., prompts=True)``: every chat
+example is then encoded as its prompt alone (``encode_prompt``: the conversation without its final
+assistant answer, plus the template's generation prompt) and batches hold ``PROMPT_KEYS``:
+``prompt_input_ids`` and ``prompt_attention_mask``, *left*-padded so that every row ends where
+generation starts, ``index`` (the example's position in its split) and ``split`` (0 for the training
+split, 1 for validation: ``PROMPT_SPLITS``). The method reads what it needs of each example (the
+reference answer, the prompt text, any other field) from ``train_records[index]`` or
+``val_records[index]`` (``prompt_record(split, index)``).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ftlab.data.cache import cached_examples, rows_fingerprint, tokenizer_fingerprint
-from ftlab.data.chat_masking import IGNORE_INDEX
+from ftlab.data.chat_masking import IGNORE_INDEX, encode_prompt
 from ftlab.data.schema import DataConfig
 from ftlab.data.encode import PAIR_SIDES, encode_example, encode_pair, example_kind, label_names, pad_id_of
 from ftlab.data.formats import pair_record
@@ -35,8 +44,8 @@ from ftlab.data.prepare import PrepReport, drop_by_length
 from ftlab.errors import DataError
 
 __all__ = [
-    "DataConfig", "FineTuneDataModule", "EncodedDataset", "PAIR_KEYS", "PadCollator", "PairCollator", "pad_id_of",
-    "split_records",
+    "DataConfig", "FineTuneDataModule", "EncodedDataset", "PAIR_KEYS", "PROMPT_KEYS", "PROMPT_SPLITS", "PadCollator",
+    "PairCollator", "PromptCollator", "pad_id_of", "split_records",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,10 @@ log = logging.getLogger(__name__)
 MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 #: The keys of a pair batch (``connect(..., pairs=True)``), each a LongTensor.
 PAIR_KEYS = (*(f"{side}_{key}" for side in PAIR_SIDES for key in MODEL_KEYS), "index")
+#: The keys of a prompt batch (``connect(..., prompts=True)``), each a LongTensor.
+PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask", "index", "split")
+#: What a prompt batch's ``split`` values mean: 0 the training split, 1 the validation split.
+PROMPT_SPLITS = ("train", "validation")
 UNTRUNCATED = 1 << 30  # encode whole, measure, then filter by length and truncate
 
 
@@ -95,15 +108,41 @@ class PairCollator:
         return out
 
 
+class PromptCollator:
+    """A batch of prompts to generate from: ``prompt_input_ids`` left-padded with ``pad_id`` (so
+    every row ends where the answer starts), ``prompt_attention_mask`` (0 on the padding), and
+    ``index`` and ``split`` of each example (its position in ``PROMPT_SPLITS[split]``)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(ex["prompt_input_ids"]) for ex in batch)
+        ids = [[self.pad_id] * (width - len(ex["prompt_input_ids"])) + list(ex["prompt_input_ids"]) for ex in batch]
+        mask = [[0] * (width - len(ex["prompt_input_ids"])) + [1] * len(ex["prompt_input_ids"]) for ex in batch]
+        return {
+            "prompt_input_ids": torch.tensor(ids, dtype=torch.long),
+            "prompt_attention_mask": torch.tensor(mask, dtype=torch.long),
+            "index": torch.tensor([ex["index"] for ex in batch], dtype=torch.long),
+            "split": torch.tensor([ex["split"] for ex in batch], dtype=torch.long),
+        }
+
+
 def _truncate(example: dict[str, Any], max_length: int) -> dict[str, Any]:
-    """The model's keys only, token lists cut to ``max_length``."""
+    """The model's keys only, token lists cut to ``max_length`` (a prompt is never cut: one longer
+    than ``max_length`` is dropped before, since cutting it would drop the generation prompt)."""
+    if "prompt_input_ids" in example:
+        return {k: v for k, v in example.items() if k in PROMPT_KEYS}
     keys = PAIR_KEYS if "index" in example else MODEL_KEYS
     return {k: (v[:max_length] if isinstance(v, list) else v) for k, v in example.items() if k in keys}
 
 
 def _trained_tokens(example: dict[str, Any]) -> int:
     """Targets the loss sees: after the causal shift the first token is never one. For a pair,
-    those of its poorer side (a pair needs both answers)."""
+    those of its poorer side (a pair needs both answers); for a prompt, its tokens (the answer
+    is generated)."""
+    if "prompt_input_ids" in example:
+        return len(example["prompt_input_ids"])
     if "index" in example:
         return min(_trained_tokens({"labels": example[f"{side}_labels"]}) for side in PAIR_SIDES)
     labels = example["labels"]
@@ -136,6 +175,7 @@ class FineTuneDataModule(pl.LightningDataModule):
         self.cache_hits: dict[str, bool] = {}
         self.length_reports: list[PrepReport] = []
         self.pairs = False
+        self.prompts = False
 
     # -- examples (no tokenizer needed) ------------------------------------------------------------
     @property
@@ -183,6 +223,28 @@ class FineTuneDataModule(pl.LightningDataModule):
         self._require_pairs(self.train_records, "training", method)
         self._require_pairs(self.val_records, "validation", method)
 
+    def check_prompts(self, method: str | None = None) -> None:
+        """DataError unless every training and validation example is a chat (what ``connect(...,
+        prompts=True)`` needs: a conversation whose prompt an RL method answers), naming ``method``
+        when given and what the data has. Needs no tokenizer: a run can refuse before the model loads."""
+        for records, split in ((self.train_records, "training"), (self.val_records, "validation")):
+            other = [r for r in records if example_kind(r) != "chat"]
+            if not other:
+                continue
+            what = _describe(other) if len(other) == len(records) else (
+                f"{len(other)} of {len(records)} examples that are not chats: {_describe(other)}")
+            who = f"method '{method}'" if method else "the method"
+            raise DataError(
+                f"data '{self.cfg.name}': {who} generates answers to chat prompts (instruction, messages, completion or"
+                f" preference rows), but the {split} data has {what}"
+            )
+
+    def prompt_record(self, split: int | str, index: int) -> dict:
+        """The prepared example behind row ``index`` of a prompt batch of ``split`` (0 or "train":
+        ``train_records``; 1 or "validation": ``val_records``)."""
+        name = PROMPT_SPLITS[split] if isinstance(split, int) else split
+        return {"train": self.train_records, "validation": self.val_records}[name][index]
+
     def _require_pairs(self, records: list[dict], split: str, method: str | None = None) -> None:
         unpaired = [r for r in records if not isinstance(r.get("rejected"), list)]
         if not unpaired:
@@ -214,7 +276,7 @@ class FineTuneDataModule(pl.LightningDataModule):
     # -- tokens ------------------------------------------------------------------------------------
     def connect(
         self, tokenizer: Any, max_length: int | None = None, cache_dir: Any = None, packing: bool | None = None,
-        pairs: bool = False,
+        pairs: bool = False, prompts: bool = False,
     ) -> None:
         """Attach the tokenizer; ``max_length`` (the model's context) caps ``cfg.max_length``;
         ``cache_dir`` enables the tokenized-data cache; ``packing`` can switch packing off for
@@ -223,12 +285,27 @@ class FineTuneDataModule(pl.LightningDataModule):
         ``pairs=True`` (methods that compare a chosen and a rejected answer) encodes every example
         as a pair: both loaders then give ``PAIR_KEYS`` batches (see ``PairCollator``). The data
         must be preference data (a DataError says what it is otherwise), and packing must be off:
-        ``data.packing=true`` with pairs is a DataError unless ``packing=False`` is passed."""
+        ``data.packing=true`` with pairs is a DataError unless ``packing=False`` is passed.
+
+        ``prompts=True`` (RL methods, which generate the answers) encodes every example as its
+        prompt alone: both loaders then give ``PROMPT_KEYS`` batches (see ``PromptCollator``). The
+        data must be chat examples (a DataError says what it is otherwise); a prompt longer than
+        ``max_length`` is dropped and counted, not cut; packing must be off as for pairs."""
         self.tokenizer = tokenizer
         self.max_length = self.cfg.max_length if max_length is None else min(self.cfg.max_length, max_length)
         self.cache_dir = cache_dir if self.cfg.cache else None
         self.packing = self.cfg.packing if packing is None else packing
         self.pairs = bool(pairs)
+        self.prompts = bool(prompts)
+        if self.pairs and self.prompts:
+            raise DataError("connect(): pairs=True and prompts=True are two kinds of batches; ask for one")
+        if self.prompts:
+            if self.packing:
+                raise DataError(
+                    "data.packing=true cannot be used with prompt batches: an RL method generates each answer after its"
+                    " own left-padded prompt; set data.packing=false"
+                )
+            self.check_prompts()
         if self.pairs:
             if self.packing:
                 raise DataError(
@@ -236,7 +313,8 @@ class FineTuneDataModule(pl.LightningDataModule):
                     " padded sequence; set data.packing=false"
                 )
             self.check_pairs()
-        self.collator = PairCollator(pad_id_of(tokenizer)) if self.pairs else PadCollator(pad_id_of(tokenizer))
+        collator = PairCollator if self.pairs else PromptCollator if self.prompts else PadCollator
+        self.collator = collator(pad_id_of(tokenizer))
         self.train_dataset = self.val_dataset = None  # re-encode with the new tokenizer
 
     def _encoded(self, examples: list[dict], split: str, label_ids: dict[str, int] | None) -> list[dict]:
@@ -246,6 +324,10 @@ class FineTuneDataModule(pl.LightningDataModule):
                 if self.pairs:  # a pair's length is its longer side's
                     enc = {**encode_pair(self.tokenizer, ex, UNTRUNCATED), "index": index}
                     length = max(len(enc[f"{side}_input_ids"]) for side in PAIR_SIDES)
+                elif self.prompts:  # the prompt alone: the method generates the answer
+                    ids = encode_prompt(self.tokenizer, ex["messages"])
+                    enc = {"prompt_input_ids": ids, "index": index, "split": PROMPT_SPLITS.index(split)}
+                    length = len(ids)
                 else:
                     enc = encode_example(self.tokenizer, ex, UNTRUNCATED, label_ids)
                     length = len(enc["input_ids"])
@@ -261,7 +343,9 @@ class FineTuneDataModule(pl.LightningDataModule):
         }
         if self.pairs:  # added only for pairs: the entries of unpaired encodings keep their keys
             key["pairs"] = True
-        label = f"{self.cfg.name}-{split}" + ("-pairs" if self.pairs else "")
+        if self.prompts:  # likewise for prompts
+            key["prompts"] = True
+        label = f"{self.cfg.name}-{split}" + ("-pairs" if self.pairs else "-prompts" if self.prompts else "")
         encoded, hit = cached_examples(self.cache_dir, key, build, label=label)
         self.cache_hits[split] = hit
         return encoded
@@ -273,6 +357,11 @@ class FineTuneDataModule(pl.LightningDataModule):
         encoded = self._encoded(examples, split, label_ids)
         report = PrepReport(source=f"{c.name} ({split}, tokens)", rows=len(encoded), kept=len(encoded))
         within = drop_by_length(encoded, [ex["length"] for ex in encoded], c.min_tokens, c.max_tokens, report)
+        if self.prompts:  # a cut prompt would lose its generation prompt: drop it instead
+            fitting = [ex for ex in within if ex["length"] <= self.max_length]
+            if len(fitting) < len(within):
+                report.drop(f"prompt longer than max_length={self.max_length}", len(within) - len(fitting))
+            within = fitting
         truncated = [_truncate(ex, self.max_length) for ex in within]
         kept = [ex for ex in truncated if _trained_tokens(ex) > 0]
         if len(kept) < len(truncated):
@@ -283,6 +372,9 @@ class FineTuneDataModule(pl.LightningDataModule):
         if report.dropped:
             log.warning("%s: dropped %d of %d %s examples: %s", c.name, len(encoded) - len(kept), len(encoded), split,
                         ", ".join(f"{n} {why}" for why, n in report.dropped.items()))
+        if self.prompts and encoded and not kept:
+            raise DataError(f"{c.name}: every {split} prompt is longer than max_length={self.max_length} tokens;"
+                            " raise data.max_length")
         if truncated and not kept:
             raise DataError(f"{c.name}: every {split} example lost its assistant tokens to truncation;"
                             f" raise data.max_length (now {self.max_length})")
@@ -298,7 +390,8 @@ class FineTuneDataModule(pl.LightningDataModule):
         self.length_reports = []
         self.train_dataset = self._encode(self.train_records, "train", label_ids)
         self.val_dataset = self._encode(self.val_records, "validation", label_ids)
-        lengths = [max(len(ex[f"{side}_input_ids"]) for side in PAIR_SIDES) if self.pairs else len(ex["input_ids"])
+        lengths = [max(len(ex[f"{side}_input_ids"]) for side in PAIR_SIDES) if self.pairs
+                   else len(ex["prompt_input_ids"]) if self.prompts else len(ex["input_ids"])
                    for ex in self.train_dataset.examples]
         log.info(
             "%s: %d train / %d validation examples, train tokens mean %.1f max %d",
@@ -325,6 +418,8 @@ class FineTuneDataModule(pl.LightningDataModule):
         out["kind"] = self.kind
         if self.pairs:
             out["pairs"] = True
+        if self.prompts:
+            out["prompts"] = True
         if self.kind == "classification":
             out["labels"] = self.labels
         out["preparation"] += [r.as_dict() for r in self.length_reports]

@@ -146,8 +146,9 @@ class PackedCollator:
 
 
 def real_tokens(batch: Mapping[str, Any]) -> int:
-    """Non-padding tokens of a batch from ``PadCollator`` (attention_mask ones) or
-    ``PackedCollator``; a batch with neither a mask nor position ids counts every token.
+    """Non-padding tokens of a batch from ``PadCollator`` (attention_mask ones), the pair and
+    prompt collators (the ones of every ``*_attention_mask``) or ``PackedCollator``; a batch
+    with neither a mask nor position ids counts every token.
 
     A packed row's pad tail is its last position block (position ids restart at 0) when that
     block has no label: ``pack`` refuses examples without a label after their first token, so
@@ -156,6 +157,9 @@ def real_tokens(batch: Mapping[str, Any]) -> int:
     mask = batch.get("attention_mask")
     if mask is not None:
         return int(mask.sum())
+    masks = [value for key, value in batch.items() if key.endswith("_attention_mask")]
+    if masks:  # a preference pair (chosen_*, rejected_*) or a prompt batch: every side's tokens
+        return int(sum(m.sum() for m in masks))
     ids = batch["input_ids"]
     positions, labels = batch.get("position_ids"), batch.get("labels")
     if positions is None or labels is None:

@@ -72,26 +72,28 @@ def _check_out(out: Path, run_dir: Path, force: bool) -> None:
         raise ExportError(f"--out {out} exists and is not empty; choose a new or empty folder, or give --force to replace it")
 
 
-def _export_format(cls: type["BaseMethod"], name: str, merge: bool) -> str:
-    """What the method's run can be exported as: a PEFT adapter or a full model folder."""
+def _export_format(method: "BaseMethod", name: str, merge: bool) -> str:
+    """What the method's run can be exported as: a PEFT adapter or a full model folder. The
+    method instance decides, not its class: a setting can change what it saves (the preference
+    methods' ``adapter=none`` saves a whole model)."""
     from ftlab.methods.peft_base import PeftMethod
 
     if merge:
-        if cls.cannot_merge:
-            instead = ("export it without --merge, as a PEFT adapter" if issubclass(cls, PeftMethod)
+        if method.cannot_merge:
+            instead = ("export it without --merge, as a PEFT adapter" if isinstance(method, PeftMethod)
                        else "use its run folder with ftlab")
             raise ExportError(f"--merge: method '{name}' cannot be merged into the base weights: "
-                              f"{cls.cannot_merge} ({instead})")
+                              f"{method.cannot_merge} ({instead})")
         return "transformers-model"
-    if issubclass(cls, PeftMethod):
+    if isinstance(method, PeftMethod) and method.artifact != "model":
         return "peft-adapter"
-    if cls.artifact == "model":
+    if method.artifact == "model":
         return "transformers-model"
-    if cls.cannot_merge:
-        raise ExportError(f"method '{name}' saves its '{cls.artifact}' in a format only ftlab reads (it is no PEFT "
-                          f"tuner) and cannot be merged ({cls.cannot_merge}); use its run folder with ftlab "
+    if method.cannot_merge:
+        raise ExportError(f"method '{name}' saves its '{method.artifact}' in a format only ftlab reads (it is no PEFT "
+                          f"tuner) and cannot be merged ({method.cannot_merge}); use its run folder with ftlab "
                           "(ftlab generate RUN_DIR, ftlab eval RUN_DIR)")
-    raise ExportError(f"method '{name}' is no PEFT tuner, so its '{cls.artifact}' is readable by ftlab only; "
+    raise ExportError(f"method '{name}' is no PEFT tuner, so its '{method.artifact}' is readable by ftlab only; "
                       "give --merge to export a full model folder that transformers loads")
 
 
@@ -206,8 +208,8 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, dtype:
     finished = open_run(run_dir)
     cfg = finished.cfg
     name = str(cfg.method.name)
-    cls = get_registry().get(name).cls
-    fmt = _export_format(cls, name, merge)
+    method = get_registry().get(name).cls(OmegaConf.to_object(cfg.method))
+    fmt = _export_format(method, name, merge)
     if dtype is not None and fmt == "peft-adapter":
         raise ExportError("--dtype sets the dtype of full model weights (--merge, or a full/freeze run); "
                           "an adapter export keeps the adapter weights as they trained")
@@ -217,7 +219,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, dtype:
         raise ExportError("--gguf writes full model weights for llama.cpp: add --merge (an adapter alone has no GGUF form here)")
     base_model = base_model_path(finished)
     loaded = finished.load()
-    merged = merge and cls.artifact != "model"  # full/freeze: the weights already are the model
+    merged = merge and method.artifact != "model"  # full/freeze: the weights already are the model
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

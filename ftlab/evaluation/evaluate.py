@@ -24,7 +24,8 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
     """Validation loss and scores of the run's trained model; also written to ``eval.json``."""
     import pytorch_lightning as pl
 
-    from ftlab.build import final_scores, generation_records, score_base
+    from ftlab.build import (CONNECT_KWARGS, final_scores, generation_records, pair_records, reward_records, score_base,
+                             score_base_preference, score_base_reward)
     from ftlab.module import FineTuneModule
     from ftlab.results import write_json
     from ftlab.deploy.run_loading import open_run
@@ -33,9 +34,14 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
     run_dir, cfg, datamodule, labels = finished.run_dir, finished.cfg, finished.datamodule, finished.labels
     method, base, tokenizer = finished.load_base()
     base_score = score_base(cfg, base, tokenizer, datamodule)
+    base_preference = score_base_preference(cfg, base, tokenizer, datamodule)
+    base_reward = score_base_reward(cfg, base, tokenizer, datamodule)
     model = finished.load_trained(method, base)
     context = getattr(model.config, "max_position_embeddings", None)
-    datamodule.connect(tokenizer, max_length=context, cache_dir=cfg.paths.cache_dir, packing=False)
+    datamodule.connect(tokenizer, max_length=context, cache_dir=cfg.paths.cache_dir, packing=False,
+                       **CONNECT_KWARGS[method.batch_kind])
+    if method.batch_kind == "prompt":
+        method.use_data(tokenizer, datamodule.train_records, datamodule.val_records)
     module = FineTuneModule(model, method, optimizer=None, labels=labels)  # type: ignore[arg-type]
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=True, enable_model_summary=False)
@@ -47,7 +53,9 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
         "method": cfg.method.name,
         "val_loss": float(metrics["val/loss"]) if "val/loss" in metrics else None,
         **final_scores(cfg, model, tokenizer, method, classification=module.classification_metrics,
-                       records=generation_records(cfg, datamodule), base_score=base_score),
+                       records=generation_records(cfg, datamodule), base_score=base_score,
+                       pairs=pair_records(cfg, datamodule), base_preference=base_preference,
+                       prompts=reward_records(cfg, datamodule), base_reward=base_reward),
         "data": datamodule.summary(),
     }
     write_json(run_dir / EVAL_FILE, result)
@@ -66,6 +74,17 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"{gen['checker']} match on {gen['prompts']} held-out prompts: fine-tuned {result['exact_match']:.3f}"
             + (f", base {base:.3f}" if base is not None else "")
         )
+    if result.get("preference_accuracy") is not None:
+        pairs, base = result["preference"]["pairs"], result.get("base_preference_accuracy")
+        lines.append(f"preference accuracy on {pairs} held-out pairs: fine-tuned {result['preference_accuracy']:.3f}"
+                     + (f", base {base:.3f}" if base is not None else ""))
+    if result.get("reward_accuracy") is not None:
+        lines.append(f"reward model: chosen scored higher in {result['reward_accuracy']:.3f} of "
+                     f"{result['preference']['pairs']} held-out pairs, mean margin {result['reward_margin']:.4f}")
+    if result.get("mean_reward") is not None:
+        base = result.get("base_mean_reward")
+        lines.append(f"mean reward on held-out prompts: fine-tuned {result['mean_reward']:.3f}"
+                     + (f", base {base:.3f}" if base is not None else ""))
     if result.get("accuracy") is not None:
         lines.append(
             f"accuracy {result['accuracy']:.4f}, macro precision {result['precision']:.4f}, "

@@ -28,6 +28,27 @@ __all__ = ["BaseMethod", "MethodConfig", "QUANTIZATIONS", "TASKS", "config_field
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 QUANTIZATIONS = QUANT_NAMES  # every `quantization=` choice: what a method that keeps its base frozen accepts
 TASKS = ("causal_lm", "classification")
+# what one batch holds: ``sft`` -- input_ids, attention_mask, labels (one sequence per example);
+# ``preference`` -- chosen_input_ids, chosen_attention_mask, chosen_labels, the same three for
+# rejected, and index (the pair's position in its split); ``prompt`` -- prompt_input_ids,
+# prompt_attention_mask (left-padded), index and split, for methods that generate their answers
+BATCH_KINDS = ("sft", "preference", "prompt")
+# the model's output layer: ``lm`` -- the base as loaded (the LM head, or a classification head for
+# task=classification); ``reward`` -- a scalar head (a sequence classifier with one output)
+HEADS = ("lm", "reward")
+
+
+def batch_size(batch: Mapping[str, Any]) -> int:
+    """How many examples (or pairs) a batch holds, whatever its kind: the first dimension of its
+    ``input_ids`` (``chosen_input_ids`` for a preference batch)."""
+    for key in ("input_ids", "chosen_input_ids"):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
 
 
 @dataclass
@@ -106,6 +127,14 @@ class BaseMethod:
             appears as ``method/<name>`` in the run's loggers and its last value in
             ``metrics.json`` under ``method_metrics``. The contract checks every name listed
             arrives; ``log`` also takes names not listed.
+        batch_kind: which batches the method trains and validates on: ``"sft"`` (input_ids,
+            attention_mask, labels), ``"preference"`` (chosen_* and rejected_* of each pair, and
+            index) or ``"prompt"`` (the prompts alone, for methods that generate the answers);
+            ftlab asks the data module for that kind, and a run whose data has no pairs is refused
+            before the model loads.
+        head: ``"lm"`` (the base as loaded) or ``"reward"``: the base is loaded as a sequence
+            classifier with one output (a scalar reward head, newly initialised) in place of its
+            LM head, for training and whenever the run is loaded again (eval, export).
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -118,6 +147,8 @@ class BaseMethod:
     no_packing: ClassVar[str] = ""
     refused_strategies: ClassVar[Mapping[str, str]] = {}
     metrics: ClassVar[tuple[str, ...]] = ()
+    batch_kind: ClassVar[str] = "sft"
+    head: ClassVar[str] = "lm"
     # set by the training module (``FineTuneModule``) while it trains with this method; None
     # elsewhere, where ``log`` checks its arguments and drops the value
     _log_sink: Optional[Callable[[str, float], None]] = None
@@ -159,6 +190,20 @@ class BaseMethod:
         """The training objective; the default is the causal LM loss over labelled tokens."""
         return model(**self.model_inputs(batch)).loss
 
+    def validation_metrics(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The metrics of one validation batch (model in eval mode, gradients off), each a number or
+        a one-element tensor: the module logs ``val/<name>``, the epoch's mean weighted by batch
+        size, and ``metrics.json`` records the last validation's values under ``val_metrics``. It
+        must hold ``"loss"`` (``val/loss``, the run's ``val_loss``). The default is the loss alone."""
+        return {"loss": self.loss(model, batch)}
+
+    def before_training(self, model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+        """Called once per ``fit``, after the optimizer is built and the model is on its device,
+        before the first ``on_train_step_start``: for work over the whole training set (the
+        reference log-probs of ``precompute_ref``). ``batches`` yields every training batch once,
+        in the data's order (not shuffled), on the model's device; it does nothing unless
+        iterated. The default does nothing."""
+
     def on_train_step_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, global_step: int) -> None:
         """Called once per optimizer step, before the forward of its first batch (of the
         accumulation window), for methods whose trainable set changes during training (LISA,
@@ -182,17 +227,23 @@ class BaseMethod:
         the current step, and its last value to ``metrics.json`` (``method_metrics``). Calls at
         any other time (validation, export, the contract's steps outside a run) are checked and
         dropped. ``name``: letters, digits, ``_ . / -``; ``value``: a number or one-element tensor."""
+        number = self.metric_value(name, value)
+        if self._log_sink is not None:
+            self._log_sink(name, number)
+
+    def metric_value(self, name: str, value: float | int | torch.Tensor) -> float:
+        """A metric's value as a float, after checking its name and that it is one number (what
+        ``log`` and ``validation_metrics`` accept); a ``MethodError`` otherwise."""
         if not isinstance(name, str) or not _METRIC_NAME.match(name):
             raise MethodError(f"method '{_method_name(self)}' logs a metric named {name!r}: use letters, digits and _ . / -")
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise MethodError(f"method '{_method_name(self)}' logs {name!r} as a tensor of shape "
                                   f"{tuple(value.shape)}: a metric is one number")
-            value = value.detach().float().item()
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            return float(value.detach().float().item())
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MethodError(f"method '{_method_name(self)}' logs {name!r} as {type(value).__name__}: a metric is a number")
-        if self._log_sink is not None:
-            self._log_sink(name, float(value))
+        return float(value)
 
     # -- saving, loading, merging ----------------------------------------------------------------
     def save(self, model: nn.Module, directory: Path) -> Path:

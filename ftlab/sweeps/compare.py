@@ -2,6 +2,8 @@
 
 Jobs are grouped by what was swept (the overrides that differ between jobs, seeds excluded),
 so ``-m method=full,lora seed=0,1,2`` gives one row per method with mean and spread over seeds.
+Columns that only some runs measure (exact match, classification metrics, preference accuracy of
+the base and the fine-tuned model, a reward model's accuracy) are shown when a run has them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from ftlab.results import METRICS_FILE
 IGNORED_KEYS = ("seed", "resume", "hydra.")  # never define a group: seeds are what we average over
 COLUMNS = [
     "job", "method", "model", "seed", "status", "val_loss", "base_exact_match", "exact_match", "accuracy",
-    "precision", "recall", "f1", "train_loss_first", "train_loss_last",
+    "precision", "recall", "f1", "base_preference_accuracy", "preference_accuracy", "reward_accuracy",
+    "reward_margin", "val_rewards_accuracy", "val_rewards_margin", "train_loss_first", "train_loss_last",
     "trainable_params", "total_params", "artifact_mb", "peak_rss_mb", "tokens_per_s", "wall_s", "steps",
     "train_tokens", "overrides", "error", "run_dir",
 ]
@@ -31,6 +34,9 @@ SUMMARY = [
     ("precision", "macro precision", "{:.3f}"),
     ("recall", "macro recall", "{:.3f}"),
     ("f1", "macro F1", "{:.3f}"),
+    ("base_preference_accuracy", "base preference acc", "{:.3f}"),
+    ("preference_accuracy", "preference acc", "{:.3f}"),
+    ("reward_accuracy", "reward acc", "{:.3f}"),
     ("trainable_params", "trainable params", "{:,.0f}"),
     ("artifact_mb", "saved MB", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:,.0f}"),
@@ -96,7 +102,8 @@ def budget(rows: Sequence[dict[str, Any]]) -> str:
     return text
 
 
-OPTIONAL = {"base_exact_match", "exact_match", "accuracy", "precision", "recall", "f1"}  # shown when measured
+OPTIONAL = {"base_exact_match", "exact_match", "accuracy", "precision", "recall", "f1", "base_preference_accuracy",
+            "preference_accuracy", "reward_accuracy"}  # shown when measured
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

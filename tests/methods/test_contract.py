@@ -3,13 +3,33 @@ installed."""
 
 from __future__ import annotations
 
+from typing import Iterator, Mapping
+
+import pytest
+
+from ftlab.evaluation.rewards import registered_reward
 from ftlab.registry import get_registry
 from ftlab.testing import MethodContract
 
 REGISTRY = get_registry()
 
-# What a preset needs to run at all: the linear probe trains a classification head only.
-PRESET_OVERRIDES = {"linear_probe": ("task=classification",)}
+
+def _starts_with_vowel(prompt: str, completion: str, record: Mapping) -> float:
+    return float(completion[:1].lower() in "aeiou")
+
+
+# What a method or preset needs to run at all: the linear probe trains a classification head only;
+# GRPO needs a reward the random tiny model can earn (with `exact` every reward is 0: no gradient).
+PRESET_OVERRIDES = {
+    "linear_probe": ("task=classification",),
+    "grpo": ("method.reward=contract_vowel", "method.max_new_tokens=2", "method.num_generations=4"),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _contract_reward() -> Iterator[None]:
+    with registered_reward("contract_vowel", _starts_with_vowel):
+        yield
 
 for _name in sorted([*REGISTRY.methods, *REGISTRY.presets]):
     globals()[f"TestContract_{_name}"] = type(
