@@ -356,3 +356,24 @@ class TestContractDpoFull(MethodContract):
 class TestContractRewardFull(MethodContract):
     method = "reward"
     overrides = ("method.adapter=none", "method.lr=1e-4")
+
+
+def test_a_full_dpo_run_exports_its_model_without_merge(tmp_path: Path, cache_dir: Path) -> None:
+    """``method.adapter=none`` saves a whole model: export reads that from the run's method
+    settings, not from the class (whose default is an adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    from ftlab.deploy.export import export_run
+    from ftlab.deploy.run_loading import open_run
+
+    run = tmp_path / "run"
+    out = _ftlab("method=dpo", "method.adapter=none", "trainer.max_steps=1", "logger=none", "callbacks=none",
+                 *TINY_RUN, f"hydra.run.dir={run}", f"paths.cache_dir={cache_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = export_run(run, tmp_path / "export")
+    assert result.format == "transformers-model"
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()(input_ids=ids).logits
+        expected = open_run(run).load().model.eval()(input_ids=ids).logits
+    assert torch.allclose(plain, expected, atol=1e-5)
