@@ -182,6 +182,17 @@ def _reward_score(cfg: DictConfig, model: nn.Module, tokenizer: PreTrainedTokeni
                          model_inputs=method.model_inputs if method is not None else None)
 
 
+def _base_key(cfg: DictConfig, **parts: Any) -> dict[str, Any]:
+    """The cache key of a base-model score: the base (model and quantization) and ``parts``."""
+    return {"model": OmegaConf.to_container(cfg.model, resolve=True),
+            "quantization": OmegaConf.to_container(cfg.quantization, resolve=True), **parts}
+
+
+def _eval_key(cfg: DictConfig) -> dict[str, Any]:
+    """The eval settings a base score depends on (how many samples are logged is not one)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "num_samples"}
+
+
 def score_base_reward(cfg: DictConfig, base: nn.Module, tokenizer: PreTrainedTokenizerBase,
                       datamodule: FineTuneDataModule) -> RewardScore | None:
     """An RL method's reward of the base model's greedy answers to the held-out prompts (None for
@@ -189,14 +200,7 @@ def score_base_reward(cfg: DictConfig, base: nn.Module, tokenizer: PreTrainedTok
     records = reward_records(cfg, datamodule)
     if not records:
         return None
-    key = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "quantization": OmegaConf.to_container(cfg.quantization, resolve=True),
-        "records": rows_fingerprint(records),
-        "reward": str(cfg.method.reward),
-        "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "num_samples"},
-        "format": 1,
-    }
+    key = _base_key(cfg, records=rows_fingerprint(records), reward=str(cfg.method.reward), eval=_eval_key(cfg), format=1)
     score, hit = base_reward_cached(Path(cfg.paths.cache_dir), key, lambda: _reward_score(cfg, base, tokenizer, records))
     log.info("base model: mean reward %.4f (%s) on %d held-out prompts%s", score.mean, score.reward, score.total,
              " (cached)" if hit else "")
@@ -235,13 +239,7 @@ def score_base_preference(cfg: DictConfig, base: nn.Module, tokenizer: PreTraine
     pairs = pair_records(cfg, datamodule)
     if not pairs or method_class(cfg).head != "lm":
         return None
-    key = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "quantization": OmegaConf.to_container(cfg.quantization, resolve=True),
-        "pairs": rows_fingerprint(pairs),
-        "max_length": _eval_max_length(cfg, base),
-        "format": 1,
-    }
+    key = _base_key(cfg, pairs=rows_fingerprint(pairs), max_length=_eval_max_length(cfg, base), format=1)
     score, hit = base_preference_cached(Path(cfg.paths.cache_dir), key, lambda: _preference(cfg, base, tokenizer, pairs))
     log.info("base model: preference accuracy %d/%d (%.1f%%)%s", score.correct, score.pairs, 100 * score.accuracy,
              " (cached)" if hit else "")
@@ -263,15 +261,9 @@ def score_base(cfg: DictConfig, base: nn.Module, tokenizer: PreTrainedTokenizerB
     records = generation_records(cfg, datamodule)
     if not records:
         return None
-    key = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "quantization": OmegaConf.to_container(cfg.quantization, resolve=True),
-        "records": rows_fingerprint(records),
-        "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "num_samples"},
-        # 2: 4-bit bases score in bitsandbytes' standard layout; scores cached while it repacked
-        # them for CPU inference came from a slightly different model
-        "format": 2,
-    }
+    # format 2: 4-bit bases score in bitsandbytes' standard layout; scores cached while it repacked
+    # them for CPU inference came from a slightly different model
+    key = _base_key(cfg, records=rows_fingerprint(records), eval=_eval_key(cfg), format=2)
     score, hit = base_score_cached(Path(cfg.paths.cache_dir), key, lambda: _score(cfg, base, tokenizer, records))
     log.info("base model: %s %d/%d (%.1f%%)%s", score.checker, score.correct, score.total, 100 * score.score,
              " (cached)" if hit else "")

@@ -8,11 +8,13 @@ from ftlab.methods.base import (
     TASKS,
     BaseMethod,
     MethodConfig,
+    ObjectiveWithMetrics,
     config_fields,
     field_default,
     field_help,
     reset_optimizer_state,
 )
 
-__all__ = ["BaseMethod", "MethodConfig", "QUANTIZATIONS", "TASKS", "config_fields", "field_default", "field_help",
+__all__ = ["BaseMethod", "MethodConfig", "ObjectiveWithMetrics", "QUANTIZATIONS", "TASKS", "config_fields", "field_default",
+           "field_help",
            "reset_optimizer_state"]

@@ -22,7 +22,8 @@ from torch import nn
 from ftlab.errors import MethodError
 from ftlab.models.quant import QUANT_NAMES
 
-__all__ = ["BaseMethod", "MethodConfig", "QUANTIZATIONS", "TASKS", "config_fields", "field_default", "field_help",
+__all__ = ["BaseMethod", "MethodConfig", "ObjectiveWithMetrics", "QUANTIZATIONS", "TASKS", "config_fields", "field_default",
+           "field_help",
            "reset_optimizer_state"]
 
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
@@ -267,3 +268,25 @@ class BaseMethod:
         if self.cannot_merge:
             raise MethodError(f"method '{self.config.name}' cannot be merged into the base weights: {self.cannot_merge}")
         return model
+
+
+class ObjectiveWithMetrics:
+    """For methods whose objective also yields metrics (preference and RL methods): implement
+    ``compute``; the loss then logs the metrics during training (``method/<name>``) and
+    validation reports them next to the loss (``val/<name>``). Put it before the method's base
+    class: ``class Dpo(ObjectiveWithMetrics, Lora)``."""
+
+    def compute(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The mean loss of a batch and the method's metrics on it (scalars)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        loss, metrics = self.compute(model, batch)
+        if model.training:
+            for name, value in metrics.items():
+                self.log(name, value)  # type: ignore[attr-defined]
+        return loss
+
+    def validation_metrics(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        loss, metrics = self.compute(model, batch)
+        return {"loss": loss, **metrics}

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftlab.errors import ConfigError, MethodError
-from ftlab.methods.base import QUANTIZATIONS, BaseMethod
+from ftlab.methods.base import QUANTIZATIONS, BaseMethod, ObjectiveWithMetrics
 from ftlab.methods.lora import Lora, LoraConfig
 from ftlab.methods.preference_losses import IGNORE_INDEX, sequence_logps, token_counts
 
@@ -195,7 +195,7 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -
 # -- the methods ---------------------------------------------------------------------------------------
 
 
-class PairMethod(Lora):
+class PairMethod(ObjectiveWithMetrics, Lora):
     """A method trained on preference pairs, as LoRA adapters (``adapter=lora``) or in full
     (``adapter=none``); subclasses implement ``compute(model, batch)``."""
 
@@ -248,22 +248,6 @@ class PairMethod(Lora):
         if self.full:  # the trained weights already are the model
             return BaseMethod.merge(self, model)
         return super().merge(model)
-
-    # -- training
-    def compute(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The mean loss of a batch and the method's metrics on it (scalars)."""
-        raise NotImplementedError
-
-    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        loss, metrics = self.compute(model, batch)
-        if model.training:
-            for name, value in metrics.items():
-                self.log(name, value)
-        return loss
-
-    def validation_metrics(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        loss, metrics = self.compute(model, batch)
-        return {"loss": loss, **metrics}
 
 
 class PreferenceMethod(PairMethod):

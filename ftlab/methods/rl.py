@@ -63,6 +63,7 @@ from ftlab.data.encode import pad_id_of
 from ftlab.errors import ConfigError, MethodError
 from ftlab.evaluation.generation import prompt_text, stop_token_ids, until_stop
 from ftlab.evaluation.rewards import Reward, call_reward, get_reward
+from ftlab.methods.base import ObjectiveWithMetrics
 from ftlab.methods.lora import Lora, LoraConfig
 
 __all__ = ["LOSS_TYPES", "RlConfig", "RlMethod", "Rollouts", "clipped_surrogate",
@@ -247,7 +248,7 @@ class Rollouts:
 # -- the method base ---------------------------------------------------------------------------------------
 
 
-class RlMethod(Lora):
+class RlMethod(ObjectiveWithMetrics, Lora):
     """LoRA trained by reinforcement learning on prompt batches: rollouts, rewards, reference log-probs.
     Subclasses implement the objective (``Grpo.compute``)."""
 
@@ -391,19 +392,3 @@ class RlMethod(Lora):
     def reference_logps(self, model: nn.Module, rollouts: Rollouts) -> torch.Tensor:
         with self.as_reference(model) as reference:
             return self.policy_logps(reference, rollouts)
-
-    # -- the objective
-    def compute(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of one prompt batch (rollouts included) and the method's metrics on it (scalars)."""
-        raise NotImplementedError
-
-    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        loss, metrics = self.compute(model, batch)
-        if model.training:
-            for name, value in metrics.items():
-                self.log(name, value)
-        return loss
-
-    def validation_metrics(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        loss, metrics = self.compute(model, batch)
-        return {"loss": loss, **metrics}
