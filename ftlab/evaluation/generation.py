@@ -89,12 +89,14 @@ def stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode while generating, then every submodule back in the mode it was in."""
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the duration (generation, scoring, a reference pass), then every
+    submodule back in the mode it was in: ``model.train()`` afterwards would also wake submodules
+    a method keeps in eval mode on purpose."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        yield
+        yield model
     finally:
         for module, training in modes:
             module.training = training
@@ -219,7 +221,7 @@ def generate_ids(
     peft_config = prompt_learning_config(model)
     prefix_in_cache = peft_config is not None and peft_config.peft_type in ("PREFIX_TUNING", "CARTRIDGE")
     answers: list[list[int]] = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         if prefix_in_cache:
             return [until_stop(_greedy_loop(model, p, max_new_tokens, stop, model_inputs), stop) for p in prompts]
         for start in range(0, len(prompts), batch_size):

@@ -14,10 +14,9 @@ a pair that truncation to ``max_length`` leaves without answer tokens on either 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +24,7 @@ from torch import nn
 from ftlab.cache import cached_json, fingerprint
 from ftlab.data.chat_masking import IGNORE_INDEX, num_label_tokens
 from ftlab.data.encode import encode_pair, pad_id_of
+from ftlab.evaluation.generation import eval_mode
 
 __all__ = ["PreferenceScore", "base_preference_cached", "encode_pairs", "preference_accuracy", "preference_records",
            "reward_accuracy"]
@@ -60,19 +60,6 @@ def encode_pairs(tokenizer: Any, records: Sequence[Mapping[str, Any]], max_lengt
         if num_label_tokens(chosen) > 0 and num_label_tokens(rejected) > 0:
             out.append((chosen, rejected))
     return out
-
-
-@contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients, then every submodule back in the mode it was in."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _right_pad(rows: Sequence[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -118,7 +105,7 @@ def preference_accuracy(model: nn.Module, tokenizer: Any, records: Sequence[Mapp
     """Share of the pairs in ``records`` whose chosen answer the causal LM ``model`` gives the
     higher summed log-probability (eval mode, no gradients)."""
     pairs = encode_pairs(tokenizer, records, max_length)
-    with _evaluating(model):
+    with eval_mode(model), torch.no_grad():
         return _scored(pairs, lambda b: _summed_logps(model, b, model_inputs), pad_id_of(tokenizer), _device(model),
                        batch_size)
 
@@ -132,7 +119,7 @@ def reward_accuracy(model: nn.Module, tokenizer: Any, records: Sequence[Mapping[
     pairs = encode_pairs(tokenizer, records, max_length)
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     pad_id = int(pad) if pad is not None else pad_id_of(tokenizer)
-    with _evaluating(model):
+    with eval_mode(model), torch.no_grad():
         return _scored(pairs, lambda b: reward_scores(model, b["input_ids"], b["attention_mask"]), pad_id,
                        _device(model), batch_size)
 

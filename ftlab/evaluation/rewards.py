@@ -35,7 +35,6 @@ Also here, for the run around an RL method (``ftlab.build`` / ``ftlab.train`` ca
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -44,7 +43,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 
 from ftlab.cache import cached_json, fingerprint
@@ -52,9 +50,9 @@ from ftlab.errors import ConfigError, DataError, MethodError
 from ftlab.evaluation import checkers
 from ftlab.data.chat_masking import encode_prompt
 from ftlab.data.encode import pad_id_of
-from ftlab.evaluation.generation import (_eval_mode, default_max_new_tokens, generate, generate_batch,
+from ftlab.evaluation.generation import (default_max_new_tokens, eval_mode, generate, generate_batch,
                                          generation_config, prompt_text, reference_answer, stop_token_ids, until_stop)
-from ftlab.evaluation.samples import markdown_table
+from ftlab.evaluation.samples import write_samples
 from ftlab.plugins import Discovered, discover_group
 
 __all__ = [
@@ -222,7 +220,7 @@ def sample_rollouts(
     prompts = [encode_prompt(tokenizer, r["messages"]) for r in records for _ in range(num_generations)]
     device = next(model.parameters()).device
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _eval_mode(model), torch.no_grad():
+    with torch.random.fork_rng(devices=devices), eval_mode(model), torch.no_grad():
         torch.manual_seed(seed)
         tokens = generate_batch(model, prompts, config, pad_id)
     rows = []
@@ -257,17 +255,8 @@ class RolloutSamples(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self.records:
             return
-        rows = self.sample(pl_module.model, trainer.global_step)
-        if self.out_file is not None:
-            self.out_file.parent.mkdir(parents=True, exist_ok=True)
-            with self.out_file.open("a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("rollouts", markdown_table(rows, ROLLOUT_COLUMNS), trainer.global_step)
-            elif isinstance(logger, WandbLogger):
-                data = [[row[c] for c in ROLLOUT_COLUMNS] for row in rows]
-                logger.log_text(key="rollouts", columns=list(ROLLOUT_COLUMNS), data=data, step=trainer.global_step)
+        write_samples(trainer, self.sample(pl_module.model, trainer.global_step), self.out_file, "rollouts",
+                      ROLLOUT_COLUMNS)
 
     def sample(self, model: nn.Module, step: int) -> list[dict[str, Any]]:
         return sample_rollouts(model, self.tokenizer, self.records, self.reward, step=step, **self.settings)

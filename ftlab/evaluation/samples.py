@@ -33,6 +33,22 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLU
     return "\n".join(lines)
 
 
+def write_samples(trainer: pl.Trainer, rows: Sequence[dict[str, Any]], out_file: Path | None, key: str,
+                  columns: Sequence[str]) -> None:
+    """Append ``rows`` to ``out_file`` (JSON lines, when given) and show them in the run's
+    TensorBoard (a markdown table) and wandb (a table) loggers under ``key``."""
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        with out_file.open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(key, markdown_table(rows, columns), trainer.global_step)
+        elif isinstance(logger, WandbLogger):
+            data = [[row[c] for c in columns] for row in rows]
+            logger.log_text(key=key, columns=list(columns), data=data, step=trainer.global_step)
+
+
 class GenerationSamples(pl.Callback):
     """Generates answers for the first ``num_samples`` records (with a reference) after every
     validation and logs them with the checker's verdict."""
@@ -59,17 +75,7 @@ class GenerationSamples(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self.records:
             return
-        rows = self.sample(pl_module, trainer.global_step)
-        if self.out_file is not None:
-            self.out_file.parent.mkdir(parents=True, exist_ok=True)
-            with self.out_file.open("a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("samples", markdown_table(rows), trainer.global_step)
-            elif isinstance(logger, WandbLogger):
-                data = [[row[c] for c in COLUMNS] for row in rows]
-                logger.log_text(key="samples", columns=list(COLUMNS), data=data, step=trainer.global_step)
+        write_samples(trainer, self.sample(pl_module, trainer.global_step), self.out_file, "samples", COLUMNS)
 
     def sample(self, pl_module: pl.LightningModule, step: int) -> list[dict[str, Any]]:
         """One row per sample record; training's RNG streams and train mode are left as found."""

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftlab.errors import ConfigError, MethodError
+from ftlab.evaluation.generation import eval_mode
 from ftlab.methods.base import QUANTIZATIONS, BaseMethod, ObjectiveWithMetrics
 from ftlab.methods.lora import Lora, LoraConfig
 from ftlab.methods.preference_losses import IGNORE_INDEX, sequence_logps, token_counts
@@ -296,14 +297,8 @@ class PreferenceMethod(PairMethod):
             if not hasattr(model, "disable_adapter"):
                 raise MethodError(f"method '{self.config.name}' needs a reference model: a PEFT model (adapter=lora) "
                                   f"whose adapters it disables, or adapter=none's frozen copy; got {type(model).__name__}")
-            modes = [(m, m.training) for m in model.modules()]
-            model.eval()
-            try:
-                with model.disable_adapter():
-                    yield model
-            finally:
-                for module, training in modes:
-                    module.training = training
+            with eval_mode(model), model.disable_adapter():
+                yield model
 
     def reference_sums(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ from torch import nn
 from ftlab.data.datamodule import PROMPT_KEYS, PROMPT_SPLITS
 from ftlab.data.encode import pad_id_of
 from ftlab.errors import ConfigError, MethodError
-from ftlab.evaluation.generation import prompt_text, stop_token_ids, until_stop
+from ftlab.evaluation.generation import eval_mode, prompt_text, stop_token_ids, until_stop
 from ftlab.evaluation.rewards import Reward, call_reward, get_reward
 from ftlab.methods.base import ObjectiveWithMetrics
 from ftlab.methods.lora import Lora, LoraConfig
@@ -106,18 +106,6 @@ class RlConfig(LoraConfig):
 
 
 # -- pure functions ---------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode for the duration, then every submodule back in the mode it was in."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def completion_mask(completion_ids: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
