@@ -124,7 +124,7 @@ def build(cfg: DictConfig) -> Run:
     method, base, tokenizer = load_base(cfg, labels)
     base_score = score_base(cfg, base, tokenizer, datamodule)
     base_preference = score_base_preference(cfg, base, tokenizer, datamodule)
-    base_reward = score_base_reward(cfg, base, tokenizer, datamodule)
+    base_reward = score_base_reward(cfg, base, tokenizer, datamodule, method)
     model = method.apply(base)
     trainable, total = count_parameters(model)
     log.info(
@@ -177,9 +177,15 @@ def reward_records(cfg: DictConfig, datamodule: FineTuneDataModule) -> list[dict
 def _reward_score(cfg: DictConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict],
                   method: BaseMethod | None = None) -> RewardScore:
     ev = cfg.eval
-    return score_rewards(model, tokenizer, records, str(cfg.method.reward), max_new_tokens=ev.max_new_tokens,
+    return score_rewards(model, tokenizer, records, _reward_of(cfg, method), max_new_tokens=ev.max_new_tokens,
                          batch_size=int(ev.batch_size), num_samples=int(ev.num_samples),
                          model_inputs=method.model_inputs if method is not None else None)
+
+
+def _reward_of(cfg: DictConfig, method: BaseMethod | None) -> Any:
+    """The RL method's reward (``reward_fn``: a function, or a reward model), else ``method.reward``'s name."""
+    reward = getattr(method, "reward_fn", None)
+    return reward if reward is not None else str(cfg.method.reward)
 
 
 def _base_key(cfg: DictConfig, **parts: Any) -> dict[str, Any]:
@@ -194,14 +200,16 @@ def _eval_key(cfg: DictConfig) -> dict[str, Any]:
 
 
 def score_base_reward(cfg: DictConfig, base: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                      datamodule: FineTuneDataModule) -> RewardScore | None:
+                      datamodule: FineTuneDataModule, method: BaseMethod | None = None) -> RewardScore | None:
     """An RL method's reward of the base model's greedy answers to the held-out prompts (None for
     other methods), cached per base, prompts, reward and eval settings like the base exact match."""
     records = reward_records(cfg, datamodule)
     if not records:
         return None
-    key = _base_key(cfg, records=rows_fingerprint(records), reward=str(cfg.method.reward), eval=_eval_key(cfg), format=1)
-    score, hit = base_reward_cached(Path(cfg.paths.cache_dir), key, lambda: _reward_score(cfg, base, tokenizer, records))
+    reward = method.reward_key() if hasattr(method, "reward_key") else str(cfg.method.reward)
+    key = _base_key(cfg, records=rows_fingerprint(records), reward=reward, eval=_eval_key(cfg), format=1)
+    score, hit = base_reward_cached(Path(cfg.paths.cache_dir), key,
+                                    lambda: _reward_score(cfg, base, tokenizer, records, method))
     log.info("base model: mean reward %.4f (%s) on %d held-out prompts%s", score.mean, score.reward, score.total,
              " (cached)" if hit else "")
     return score

@@ -15,16 +15,29 @@ CONFIG_NAME = "train"
 
 
 def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """Compose the training config exactly as ``python -m ftlab`` would, for tests and tools."""
+    """Compose the training config exactly as ``python -m ftlab`` would, for tests and tools.
+    Works inside a running Hydra job too (a PPO run loading its reward model's run config): the
+    job's Hydra state is set aside for the composition and put back after it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     from ftlab.registry import check_overrides, get_registry
 
     get_registry()
     check_overrides(overrides, default_method=default_method())
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
+    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    outer_job = HydraConfig.instance().cfg
+    if outer is not None:
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
+        HydraConfig.instance().cfg = outer_job
     validate(cfg)
     return cfg
 

@@ -284,8 +284,8 @@ def _train_until(run: ContractRun, measure: Callable[[], float], enough: float, 
 
 def check_loss_falls(run: ContractRun) -> None:
     if run.method.batch_kind == "prompt":
-        pytest.skip(f"{_who(run)} learns from rewards: its loss is a policy-gradient surrogate (about 0 at every step, "
-                    "a group's advantages summing to 0) whose value need not fall; its reward rising shows learning")
+        pytest.skip(f"{_who(run)} learns from rewards: its loss is a policy-gradient surrogate over normalized "
+                    "advantages (about 0 at every step) whose value need not fall; its reward rising shows learning")
     first = _eval_loss(run)
     steps, drop = _train_until(run, lambda: (first - _eval_loss(run)) / abs(first), LOSS_MIN_DROP, LOSS_ROUND,
                                LOSS_MAX_STEPS)

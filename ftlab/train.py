@@ -47,7 +47,7 @@ def train(cfg: DictConfig) -> float:
     done = _completed_record(out) if cfg.get("resume") else None
     if done is not None:
         log.info("resume: %s already completed, skipping it", out)
-        return done["val_loss"] if done.get("val_loss") is not None else math.nan
+        return objective_value(cfg, done)
     record = _base_record(cfg)
     watch = Stopwatch()
     with PeakMemory() as memory:
@@ -65,7 +65,27 @@ def train(cfg: DictConfig) -> float:
             if rank_zero_only.rank == 0:
                 path = write_metrics(out, record)
                 log.info("run record: %s (status: %s)", path, record["status"])
-    return record["val_loss"] if record.get("val_loss") is not None else math.nan
+    return objective_value(cfg, record)
+
+
+def objective_value(cfg: DictConfig, record: dict[str, Any]) -> float:
+    """The number a sweeper optimises: ``record[cfg.objective]`` (``val_loss`` by default), NaN
+    when the run has none (Optuna then records the trial as failed), with a warning naming it."""
+    name = str(cfg.get("objective") or "val_loss")
+    value = record.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        numbers = sorted(k for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        log.warning("objective=%s: the run record has no number under that name (it has: %s)", name, ", ".join(numbers))
+        return math.nan
+    return float(value)
+
+
+def _prunable(cfg: DictConfig) -> bool:
+    """Pruning compares ``val/loss`` at every validation: only a sweep that optimises ``val_loss`` prunes."""
+    name = str(cfg.get("objective") or "val_loss")
+    if name != "val_loss":
+        log.info("optuna: objective=%s is measured once, at the end of a run: trials are not pruned", name)
+    return name == "val_loss"
 
 
 def fit(run: Run, out: Path) -> dict[str, Any]:
@@ -81,12 +101,12 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
     prompts = reward_records(cfg, run.datamodule)
     if prompts and int(cfg.eval.num_samples) > 0:  # an RL method: sampled answers with their rewards
         m = cfg.method
-        callbacks.append(RolloutSamples(prompts, run.tokenizer, str(m.reward), num_prompts=int(cfg.eval.num_samples),
+        callbacks.append(RolloutSamples(prompts, run.tokenizer, run.method.reward_fn, num_prompts=int(cfg.eval.num_samples),
                                         num_generations=min(2, int(m.num_generations)), temperature=float(m.temperature),
                                         top_p=float(m.top_p), max_new_tokens=int(m.max_new_tokens), seed=int(cfg.seed),
                                         out_file=out / SAMPLES_FILE))
     trial = trial_for_this_job()
-    pruning = OptunaPruning(trial) if trial is not None else None
+    pruning = OptunaPruning(trial) if trial is not None and _prunable(cfg) else None
     if pruning is not None:
         callbacks.append(pruning)
     loggers = _instantiate_all(cfg.get("logger"))

@@ -62,11 +62,16 @@ def _not_causal(folder: Path, what: str) -> ChatError:
 
 
 def _load_run(folder: Path) -> Chatbot:
+    from ftlab.build import method_class
     from ftlab.deploy.run_loading import open_run
 
     finished = open_run(folder)
     if finished.task != "causal_lm":
         raise _not_causal(folder, f"task={finished.task} run")
+    if method_class(finished.cfg).head != "lm":
+        raise ChatError(f"{folder} holds a reward model (method={finished.cfg.method.name}): it scores answers and "
+                        "writes none; use it as method.reward_model of a PPO run, or score with "
+                        "ftlab.methods.reward.load_reward_model")
     loaded = finished.load()
     return Chatbot(loaded.model, loaded.tokenizer, loaded.method.model_inputs)
 

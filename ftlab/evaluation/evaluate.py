@@ -35,7 +35,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
     method, base, tokenizer = finished.load_base()
     base_score = score_base(cfg, base, tokenizer, datamodule)
     base_preference = score_base_preference(cfg, base, tokenizer, datamodule)
-    base_reward = score_base_reward(cfg, base, tokenizer, datamodule)
+    base_reward = score_base_reward(cfg, base, tokenizer, datamodule, method)
     model = finished.load_trained(method, base)
     context = getattr(model.config, "max_position_embeddings", None)
     datamodule.connect(tokenizer, max_length=context, cache_dir=cfg.paths.cache_dir, packing=False,

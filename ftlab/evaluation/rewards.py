@@ -57,7 +57,7 @@ from ftlab.plugins import Discovered, discover_group
 
 __all__ = [
     "ENTRY_POINT_GROUP", "ROLLOUT_COLUMNS", "Reward", "RewardScore", "RolloutSamples", "base_reward_cached",
-    "call_reward", "checker_reward", "discover_rewards", "exact", "get_reward", "json_equal", "normalized", "number",
+    "call_reward", "call_rewards", "checker_reward", "discover_rewards", "exact", "get_reward", "json_equal", "normalized", "number",
     "registered_reward", "sample_rollouts", "score_rewards",
 ]
 
@@ -124,17 +124,36 @@ def registered_reward(name: str, function: Reward) -> Iterator[None]:
         _REGISTERED.pop(name, None)
 
 
-def call_reward(reward: Reward, prompt: str, completion: str, record: Mapping[str, Any], name: str = "") -> float:
-    """``reward(prompt, completion, record)`` as a float; a MethodError when it returns something
-    that is not one finite number (``name`` names the reward in it)."""
-    value = reward(prompt, completion, record)
+def _checked(value: Any, who: str, record: Mapping[str, Any]) -> float:
+    """``value`` as a float; a MethodError naming the reward and the example unless it is one finite number."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        who = name or getattr(reward, "__name__", "reward")
-        raise MethodError(f"reward '{who}' returned {value!r} for {record.get('_where', 'an example')}: "
-                          "a reward is one finite number")
+        where = record.get("_where", "an example") if isinstance(record, Mapping) else "an example"
+        raise MethodError(f"reward '{who}' returned {value!r} for {where}: a reward is one finite number")
     return float(value)
+
+
+def call_reward(reward: Reward, prompt: str, completion: str, record: Mapping[str, Any], name: str = "") -> float:
+    """``reward(prompt, completion, record)`` as a float; a MethodError when it returns something
+    that is not one finite number (``name`` names the reward in it)."""
+    return _checked(reward(prompt, completion, record), name or getattr(reward, "__name__", "reward"), record)
+
+
+def call_rewards(reward: Reward, prompts: Sequence[str], completions: Sequence[str],
+                 records: Sequence[Mapping[str, Any]], name: str = "") -> list[float]:
+    """The rewards of many completions: through ``reward.batch(prompts, completions, records)`` when
+    the reward has one (a reward model scores a batch in one forward), else one call each; every
+    value checked as ``call_reward`` checks it."""
+    who = name or getattr(reward, "__name__", "reward")
+    batch = getattr(reward, "batch", None)
+    if batch is None:
+        values = [reward(p, c, r) for p, c, r in zip(prompts, completions, records)]
+    else:
+        values = list(batch(prompts, completions, records))
+        if len(values) != len(completions):
+            raise MethodError(f"reward '{who}' returned {len(values)} values for {len(completions)} completions")
+    return [_checked(v, who, r) for v, r in zip(values, records)]
 
 
 # -- the mean reward of greedy answers (base and fine-tuned) ---------------------------------------------
@@ -168,7 +187,7 @@ def score_rewards(
         references = [ref for r in records if (ref := reference_answer(r)) is not None]
         max_new_tokens = default_max_new_tokens(tokenizer, references) if references else 32
     answers = generate(model, tokenizer, records, max_new_tokens, batch_size, model_inputs) if records else []
-    values = [call_reward(function, prompt_text(r), a, r, name) for r, a in zip(records, answers)]
+    values = call_rewards(function, [prompt_text(r) for r in records], answers, records, name)
     samples = [{"prompt": prompt_text(r), "reference": reference_answer(r), "prediction": a, "reward": v}
                for r, a, v in list(zip(records, answers, values))[:num_samples]]
     return RewardScore(sum(values) / len(values) if values else 0.0, len(values), name, samples)
@@ -223,14 +242,12 @@ def sample_rollouts(
     with torch.random.fork_rng(devices=devices), eval_mode(model), torch.no_grad():
         torch.manual_seed(seed)
         tokens = generate_batch(model, prompts, config, pad_id)
-    rows = []
-    for k, ids in enumerate(tokens):
-        record = records[k // num_generations]
-        text = tokenizer.decode(until_stop(ids, stop), skip_special_tokens=True)
-        rows.append({"step": step, "prompt": prompt_text(record), "reference": reference_answer(record), "completion": text,
-                     "reward": call_reward(function, prompt_text(record), text, record, name),
-                     "generation": k % num_generations})
-    return rows
+    rows_records = [records[k // num_generations] for k in range(len(tokens))]
+    texts = [tokenizer.decode(until_stop(ids, stop), skip_special_tokens=True) for ids in tokens]
+    values = call_rewards(function, [prompt_text(r) for r in rows_records], texts, rows_records, name)
+    return [{"step": step, "prompt": prompt_text(r), "reference": reference_answer(r), "completion": text,
+             "reward": value, "generation": k % num_generations}
+            for k, (r, text, value) in enumerate(zip(rows_records, texts, values))]
 
 
 class RolloutSamples(pl.Callback):

@@ -62,7 +62,7 @@ from ftlab.data.datamodule import PROMPT_KEYS, PROMPT_SPLITS
 from ftlab.data.encode import pad_id_of
 from ftlab.errors import ConfigError, MethodError
 from ftlab.evaluation.generation import eval_mode, prompt_text, stop_token_ids, until_stop
-from ftlab.evaluation.rewards import Reward, call_reward, get_reward
+from ftlab.evaluation.rewards import Reward, call_rewards, get_reward
 from ftlab.methods.base import ObjectiveWithMetrics
 from ftlab.methods.lora import Lora, LoraConfig
 
@@ -245,6 +245,8 @@ class RlMethod(ObjectiveWithMetrics, Lora):
     tasks: ClassVar[tuple[str, ...]] = ("causal_lm",)
     no_packing: ClassVar[str] = "it generates each answer after its own left-padded prompt, which is not packed"
     metrics: ClassVar[tuple[str, ...]] = ("reward/mean", "reward/std", "kl", "completion_length")
+    min_generations: ClassVar[int] = 2  # completions per prompt the objective needs
+    min_generations_why: ClassVar[str] = "advantages compare the completions of one prompt with each other"
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -263,9 +265,9 @@ class RlMethod(ObjectiveWithMetrics, Lora):
         super().check_config(cfg)
         m = cfg.method
         get_reward(str(m.reward), "method.reward")  # an unknown or broken reward: the shared one-line error
-        if int(m.num_generations) < 2:
-            raise ConfigError(f"method.num_generations={m.num_generations} must be >= 2: advantages compare the "
-                              "completions of one prompt with each other")
+        if int(m.num_generations) < cls.min_generations:
+            raise ConfigError(f"method.num_generations={m.num_generations} must be >= {cls.min_generations}: "
+                              f"{cls.min_generations_why}")
         if not float(m.temperature) > 0:
             raise ConfigError(f"method.temperature={m.temperature} must be > 0")
         if not 0 < float(m.top_p) <= 1:
@@ -299,11 +301,21 @@ class RlMethod(ObjectiveWithMetrics, Lora):
     @property
     def reward_fn(self) -> Reward:
         """The reward function ``method.reward`` names (looked up once); assign a callable to use
-        another (tests, notebooks)."""
+        another (tests, notebooks). Held-out prompts are scored with it too (``mean_reward``)."""
         if self._reward is None:
             self._reward = get_reward(str(self.config.reward), "method.reward")
             self._reward_name = str(self.config.reward)
         return self._reward
+
+    @property
+    def reward_name(self) -> str:
+        """The reward's name, as logs and ``metrics.json`` show it."""
+        self.reward_fn  # noqa: B018  (looked up: the name is the one it was found under)
+        return self._reward_name
+
+    def reward_key(self) -> Any:
+        """What the reward depends on, for the cache key of the base model's mean reward."""
+        return self.reward_name
 
     @reward_fn.setter
     def reward_fn(self, function: Reward) -> None:
@@ -356,8 +368,7 @@ class RlMethod(ObjectiveWithMetrics, Lora):
         prompts = [prompt_text(r) for r in records]
         completions = [tokenizer.decode(until_stop(row, stop), skip_special_tokens=True)
                        for row in completion_ids.tolist()]
-        reward, name = self.reward_fn, self._reward_name
-        rewards = torch.tensor([call_reward(reward, p, t, r, name) for p, t, r in zip(prompts, completions, records)],
+        rewards = torch.tensor(call_rewards(self.reward_fn, prompts, completions, records, self.reward_name),
                                dtype=torch.float32, device=prompt_ids.device)
         return Rollouts(prompt_ids.repeat_interleave(group, dim=0), prompt_mask.repeat_interleave(group, dim=0),
                         completion_ids, mask, truncated, rewards, records, prompts, completions, group)

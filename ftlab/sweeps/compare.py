@@ -21,7 +21,7 @@ IGNORED_KEYS = ("seed", "resume", "hydra.")  # never define a group: seeds are w
 COLUMNS = [
     "job", "method", "model", "seed", "status", "val_loss", "base_exact_match", "exact_match", "accuracy",
     "precision", "recall", "f1", "base_preference_accuracy", "preference_accuracy", "reward_accuracy",
-    "reward_margin", "val_rewards_accuracy", "val_rewards_margin", "train_loss_first", "train_loss_last",
+    "reward_margin", "base_mean_reward", "mean_reward", "val_rewards_accuracy", "val_rewards_margin", "train_loss_first", "train_loss_last",
     "trainable_params", "total_params", "artifact_mb", "peak_rss_mb", "tokens_per_s", "wall_s", "steps",
     "train_tokens", "overrides", "error", "run_dir",
 ]
@@ -37,6 +37,8 @@ SUMMARY = [
     ("base_preference_accuracy", "base preference acc", "{:.3f}"),
     ("preference_accuracy", "preference acc", "{:.3f}"),
     ("reward_accuracy", "reward acc", "{:.3f}"),
+    ("base_mean_reward", "base mean reward", "{:.3f}"),
+    ("mean_reward", "mean reward", "{:.3f}"),
     ("trainable_params", "trainable params", "{:,.0f}"),
     ("artifact_mb", "saved MB", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:,.0f}"),
@@ -103,7 +105,7 @@ def budget(rows: Sequence[dict[str, Any]]) -> str:
 
 
 OPTIONAL = {"base_exact_match", "exact_match", "accuracy", "precision", "recall", "f1", "base_preference_accuracy",
-            "preference_accuracy", "reward_accuracy"}  # shown when measured
+            "preference_accuracy", "reward_accuracy", "base_mean_reward", "mean_reward"}  # shown when measured
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -116,7 +118,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         f"# Comparison of {len(rows)} runs",
         "",
         f"Budget: {budget(rows)}. Seeds: {', '.join(map(str, seeds))}. Cells: mean ± std over completed runs.",
-        "Lower val loss is better." + (f" Higher {', '.join(higher)} is better." if higher else ""),
+        "Lower val loss is better." + (f" Higher {', '.join(higher)} is better." if higher else "")
+        + (" The val loss of an RL method (grpo, ppo) is a surrogate near 0: compare those by mean reward."
+           if any(key == "mean_reward" for key, _, _ in summary) else ""),
         "",
         "| run | " + " | ".join(statuses + [label for _, label, _ in summary]) + " |",
         "|---|" + "---|" * (len(statuses) + len(summary)),

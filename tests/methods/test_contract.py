@@ -19,10 +19,11 @@ def _starts_with_vowel(prompt: str, completion: str, record: Mapping) -> float:
 
 
 # What a method or preset needs to run at all: the linear probe trains a classification head only;
-# GRPO needs a reward the random tiny model can earn (with `exact` every reward is 0: no gradient).
+# GRPO and PPO need a reward the random tiny model can earn (with `exact` every reward is 0: no gradient).
 PRESET_OVERRIDES = {
     "linear_probe": ("task=classification",),
     "grpo": ("method.reward=contract_vowel", "method.max_new_tokens=2", "method.num_generations=4"),
+    "ppo": ("method.reward=contract_vowel", "method.max_new_tokens=2", "method.num_generations=4"),
 }
 
 

@@ -21,18 +21,16 @@ method, and register the class for the test when it is not installed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from ftlab.config import compose
 from ftlab.errors import ConfigError, DataError, MethodError
@@ -42,7 +40,7 @@ from ftlab.evaluation.rewards import (RolloutSamples, base_reward_cached, discov
 from ftlab.methods.grpo import Grpo, group_advantages, grpo_loss
 from ftlab.methods.rl import (clipped_surrogate, completion_mask, k3_kl, masked_loss, per_token_logps,
                               sample_completions)
-from ftlab.testing import registered
+from rl_helpers import LEARNABLE, check_reward_moves, first_vowel, method_available, rl_run, rl_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,21 +51,9 @@ TRL_TOL = 1e-5
 # -- helpers ------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def grpo_available() -> Iterator[None]:
-    """``method=grpo`` for the duration: as installed, or registered for the test."""
-    from ftlab.registry import get_registry
-
-    if "grpo" in get_registry().methods:
-        yield
-        return
-    with registered("grpo", Grpo):
-        yield
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _grpo_registered() -> Iterator[None]:
-    with grpo_available():
+    with method_available("grpo", Grpo):
         yield
 
 
@@ -77,32 +63,7 @@ def record(answer: str, prompt: str = "What is 2 + 2?", **extra: Any) -> dict:
 
 
 def grpo_run(cache_dir: Path, *overrides: str, batch_size: int = 4, train: int = 16) -> SimpleNamespace:
-    """model=tiny with method=grpo applied, a data module giving prompt batches, and its first
-    training batch: what ``ftlab.build`` assembles for a ``batch_kind = "prompt"`` method."""
-    from ftlab.data.datamodule import FineTuneDataModule
-    from ftlab.models.loading import load_model
-
-    import pytorch_lightning as pl
-
-    cfg = compose(["model=tiny", "method=grpo", "logger=none", "callbacks=none", f"data.num_train={train}",
-                   "data.num_val=8", f"data.batch_size={batch_size}", "data.eval_batch_size=4",
-                   f"paths.cache_dir={cache_dir}", "method.max_new_tokens=4", *overrides])
-    pl.seed_everything(cfg.seed)
-    base, tokenizer = load_model(cfg.model, cfg.quantization, cache_dir=cfg.paths.cache_dir)
-    method = Grpo(OmegaConf.to_object(cfg.method))
-    model = method.apply(base)
-    data = FineTuneDataModule(cfg.data)
-    data.connect(tokenizer, max_length=model.config.max_position_embeddings, cache_dir=cfg.paths.cache_dir,
-                 prompts=True, packing=False)
-    data.setup("fit")
-    method.use_data(tokenizer, data.train_records, data.val_records)
-    batch = next(iter(data.train_dataloader()))
-    return SimpleNamespace(cfg=cfg, method=method, model=model, tokenizer=tokenizer, data=data, batch=batch)
-
-
-def first_vowel(prompt: str, completion: str, record: Mapping[str, Any]) -> float:
-    """A toy reward a random model can learn: 1 when the answer starts with a vowel."""
-    return float(completion[:1].lower() in "aeiou")
+    return rl_run(cache_dir, Grpo, *overrides, batch_size=batch_size, train=train)
 
 
 # -- (a) the loss by hand --------------------------------------------------------------------------------
@@ -582,41 +543,9 @@ def test_grpo_trains_end_to_end_in_a_lightning_fit_with_prompt_batches(cache_dir
     assert set(lines[0]) == {"step", "prompt", "reference", "completion", "reward", "generation"}
 
 
-def expected_first_token_reward(run: SimpleNamespace) -> float:
-    """The exact expected ``first_vowel`` reward of one-token answers to the batch's prompts: the
-    policy's next-token distribution times each token's reward (no sampling noise)."""
-    table = torch.tensor([first_vowel("", run.tokenizer.decode([t], skip_special_tokens=True), {})
-                          for t in range(len(run.tokenizer))])
-    ids, mask = run.batch["prompt_input_ids"], run.batch["prompt_attention_mask"]
-    run.model.eval()
-    with torch.no_grad():
-        logits = run.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-    return float((logits[:, -1].softmax(-1) * table).sum(-1).mean())
-
-
-LEARNABLE = ("method.max_new_tokens=1", "method.num_generations=8", "method.lr=1e-2",
-             "method.target_modules=[q_proj,v_proj,lm_head]")  # the tiny model's own head is too small to move much
-
-
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_steps_raise_the_expected_reward_and_a_negated_reward_lowers_it(cache_dir: Path, sign: float) -> None:
-    from ftlab.testing import make_optimizer
-
-    run = grpo_run(cache_dir, *LEARNABLE)
-    run.method.reward_fn = lambda prompt, completion, rec: sign * first_vowel(prompt, completion, rec)
-    before = expected_first_token_reward(run)
-    optimizer = make_optimizer(SimpleNamespace(method=run.method, model=run.model))
-    for _ in range(12):
-        run.model.train()
-        loss = run.method.loss(run.model, run.batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    after = expected_first_token_reward(run)
-    if sign > 0:
-        assert before < 0.3 and after > before + 0.3, (before, after)
-    else:
-        assert after < before - 0.1, (before, after)
+    check_reward_moves(grpo_run(cache_dir, *LEARNABLE), sign)
 
 
 def test_the_validation_reward_rises_too(cache_dir: Path) -> None:
@@ -674,13 +603,7 @@ def test_a_qlora_base_trains(cache_dir: Path) -> None:
     assert quantized_layers(run.model)
     run.method.reward_fn = first_vowel
     trainable = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in run.model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    for _ in range(2):  # two steps: LoRA's A gets a gradient once B has left zero
-        run.model.train()
-        loss = run.method.loss(run.model, run.batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    rl_steps(run, 2)  # two steps: LoRA's A gets a gradient once B has left zero
     moved = [n for n, p in run.model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
     assert len(moved) == len(trainable)
 

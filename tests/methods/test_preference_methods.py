@@ -277,6 +277,14 @@ def test_reward_model_saved_then_loaded_by_path_gives_the_same_scores(tiny_cfg, 
     assert tokenizer.pad_token_id == pad
     assert got.shape == (8,) and torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()
     assert result["reward_accuracy"] is not None and "preference_accuracy" not in result
+    # as a reward function (what PPO's method.reward_model loads): text in, the same scores out
+    from ftlab.methods.reward import RewardModel
+
+    records = run.datamodule.val_records[:4]
+    chosen = [r["messages"][-1]["content"] for r in records]
+    scored = RewardModel(saved, batch_size=3).batch(["unused"] * 4, chosen, records)  # two batches, one short
+    assert scored == pytest.approx(expected[0::2].tolist(), abs=1e-5)
+    assert RewardModel(saved)("unused", chosen[1], records[1]) == pytest.approx(scored[1], abs=1e-5)
 
 
 def test_validation_metrics_are_epoch_means_weighted_by_batch_size() -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from ftlab.sweeps.compare import load_runs, markdown_table, write_comparison
 from ftlab.results import write_metrics
@@ -171,3 +174,43 @@ def test_pruner_null_turns_pruning_off() -> None:
     study = optuna.create_study()
     track_trial(OmegaConf.create({"pruner": None}), study.ask())
     assert isinstance(study.pruner, optuna.pruners.NopPruner)
+
+
+@pytest.mark.slow
+def test_one_sweep_compares_supervised_preference_and_rl_methods(tmp_path: Path, cache_dir: Path) -> None:
+    """`-m method=sft,dpo,orpo,ppo,grpo` on the preference data: one table, each method with the
+    metric that judges it (preference accuracy for all causal LMs, mean reward for the RL ones)."""
+    args = [sys.executable, "-m", "ftlab", "-m", "method=sft,dpo,orpo,ppo,grpo", "model=tiny", "data=preference",
+            "trainer.max_steps=2", "data.num_train=32", "data.num_val=8", "data.batch_size=4", "eval.num_prompts=4",
+            "logger=none", f"paths.cache_dir={cache_dir}"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    rows = {re.search(r"method=(\w+)", r["overrides"]).group(1): r for r in csv.DictReader((sweep / "results.csv").open())}
+    assert set(rows) == {"sft", "dpo", "orpo", "ppo", "grpo"}
+    assert rows["sft"]["method"] == "lora"  # a preset runs its base method
+    assert all(r["status"] == "completed" for r in rows.values())
+    assert all(r["preference_accuracy"] for r in rows.values())  # every model is scored on the held-out pairs
+    assert rows["ppo"]["mean_reward"] and rows["grpo"]["base_mean_reward"] and not rows["dpo"]["mean_reward"]
+    table = (sweep / "comparison.md").read_text()
+    assert "mean reward" in table and "preference acc" in table and "compare those by mean reward" in table
+    for method in rows:
+        assert f"| method={method} | 1 | 0 |" in table
+
+
+def test_the_objective_a_job_returns_is_the_named_metric(caplog: pytest.LogCaptureFixture) -> None:
+    import math
+
+    from omegaconf import OmegaConf
+
+    from ftlab.train import _prunable, objective_value
+
+    record = {"val_loss": 0.01, "mean_reward": 0.75, "status": "completed", "preference": {"pairs": 8}}
+    assert objective_value(OmegaConf.create({}), record) == 0.01  # val_loss by default
+    rl = OmegaConf.create({"objective": "mean_reward"})
+    assert objective_value(rl, record) == 0.75
+    assert not _prunable(rl) and _prunable(OmegaConf.create({"objective": "val_loss"}))
+    with caplog.at_level("WARNING", logger="ftlab"):
+        assert math.isnan(objective_value(OmegaConf.create({"objective": "mean_rewrd"}), record))
+    assert "objective=mean_rewrd: the run record has no number under that name (it has: mean_reward, val_loss)" \
+        in caplog.text
