@@ -100,3 +100,18 @@ def check_reward_moves(run: SimpleNamespace, sign: float, steps: int = 12) -> tu
     else:
         assert after < before - 0.1, (before, after)
     return before, after
+
+
+def moved_on_a_quantized_base(run: SimpleNamespace) -> list[str]:
+    """Two steps of the run's method (rewarded by ``first_vowel``) on its 4/8-bit base: the names of
+    the trainable parameters that changed, after checking every one did (LoRA's A gets a gradient
+    once B has left zero, hence two)."""
+    from ftlab.models.quant import quantized_layers
+
+    assert quantized_layers(run.model)
+    run.method.reward_fn = first_vowel
+    trainable = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    rl_steps(run, 2)
+    moved = [n for n, p in run.model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert len(moved) == len(trainable), sorted(set(trainable) - set(moved))[:5]
+    return moved

@@ -40,7 +40,8 @@ from ftlab.evaluation.rewards import (RolloutSamples, base_reward_cached, discov
 from ftlab.methods.grpo import Grpo, group_advantages, grpo_loss
 from ftlab.methods.rl import (clipped_surrogate, completion_mask, k3_kl, masked_loss, per_token_logps,
                               sample_completions)
-from rl_helpers import LEARNABLE, check_reward_moves, first_vowel, method_available, rl_run, rl_steps
+from rl_helpers import (LEARNABLE, check_reward_moves, first_vowel, method_available, moved_on_a_quantized_base,
+                        rl_run)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -597,15 +598,8 @@ def test_validation_rollouts_are_reproducible_and_leave_the_training_rng_alone(c
 
 def test_a_qlora_base_trains(cache_dir: Path) -> None:
     pytest.importorskip("bitsandbytes")
-    from ftlab.models.quant import quantized_layers
-
     run = grpo_run(cache_dir, *LEARNABLE[:3], "quantization=nf4", "quantization.bnb_4bit_compute_dtype=float32")
-    assert quantized_layers(run.model)
-    run.method.reward_fn = first_vowel
-    trainable = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
-    rl_steps(run, 2)  # two steps: LoRA's A gets a gradient once B has left zero
-    moved = [n for n, p in run.model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
-    assert len(moved) == len(trainable)
+    moved_on_a_quantized_base(run)
 
 
 def test_a_method_without_its_data_says_what_to_call(cache_dir: Path) -> None:
