@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import ConfigError
-from ftlab.methods.rl import LOSS_TYPES, RlConfig, RlMethod, clipped_surrogate, k3_kl, masked_loss
+from ftlab.methods.rl import LOSS_TYPES, RlConfig, RlMethod, clipped_surrogate, k3_kl, masked_loss, masked_mean
 
 __all__ = ["ADVANTAGE_EPS", "Grpo", "GrpoConfig", "group_advantages", "grpo_loss"]
 
@@ -161,6 +161,5 @@ class Grpo(RlMethod):
             "frac_reward_zero_std": torch.isclose(grouped_std, torch.zeros_like(grouped_std)).float().mean(),
         }
         if kl is not None:
-            kept = mask.to(kl.dtype)
-            metrics["kl"] = (kl.detach() * kept).sum() / kept.sum().clamp(min=1.0)
+            metrics["kl"] = masked_mean(kl.detach(), mask)
         return loss, metrics

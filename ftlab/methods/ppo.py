@@ -56,10 +56,10 @@ import torch
 from torch import nn
 
 from ftlab.errors import ConfigError, MethodError
-from ftlab.methods.rl import RlConfig, RlMethod, Rollouts, k3_kl, per_token_logps
+from ftlab.methods.rl import RlConfig, RlMethod, Rollouts, k3_kl, masked_mean, per_token_logps
 
 __all__ = ["VALUE_HEAD", "Experience", "Ppo", "PpoConfig", "PpoLoss", "attach_value_head", "gae",
-           "masked_mean", "masked_whiten", "ppo_loss", "token_rewards"]
+           "masked_whiten", "ppo_loss", "token_rewards"]
 
 VALUE_HEAD = "v_head"  # the value head's module name on the policy (a PeftModel)
 WHITEN_EPS = 1e-8  # TRL's
@@ -93,12 +93,6 @@ class PpoConfig(RlConfig):
 
 
 # -- pure functions ---------------------------------------------------------------------------------------
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mean of ``values`` where ``mask`` is 1 (0 when it keeps nothing)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -289,22 +283,13 @@ class Ppo(RlMethod):
                                   "folder, its adapter or model folder, or an ftlab export of it)")
 
     # -- the reward: a reward model when one is given
-    @property
-    def reward_fn(self) -> Any:
-        if self._reward is None and getattr(self.config, "reward_model", None) is not None:
-            from ftlab.methods.reward import RewardModel
+    def load_reward(self) -> tuple[Any, str]:
+        if getattr(self.config, "reward_model", None) is None:
+            return super().load_reward()
+        from ftlab.methods.reward import RewardModel
 
-            self._reward = RewardModel(str(self.config.reward_model))
-            self._reward_name = self._reward.__name__
-        return super().reward_fn
-
-    @reward_fn.setter
-    def reward_fn(self, function: Any) -> None:
-        self._reward, self._reward_name = function, getattr(function, "__name__", "reward")
-
-    def reward_key(self) -> Any:
-        key = getattr(self.reward_fn, "key", None)
-        return key() if callable(key) else self.reward_name
+        model = RewardModel(str(self.config.reward_model))
+        return model, model.__name__
 
     # -- the model
     def apply(self, model: nn.Module) -> nn.Module:

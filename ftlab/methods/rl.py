@@ -67,7 +67,7 @@ from ftlab.methods.base import ObjectiveWithMetrics
 from ftlab.methods.lora import Lora, LoraConfig
 
 __all__ = ["LOSS_TYPES", "RlConfig", "RlMethod", "Rollouts", "clipped_surrogate",
-           "completion_mask", "eval_mode", "k3_kl", "masked_loss", "per_token_logps", "sample_completions",
+           "completion_mask", "eval_mode", "k3_kl", "masked_loss", "masked_mean", "per_token_logps", "sample_completions",
            "token_logps"]
 
 # how per-token losses become one number (TRL's ``loss_type`` names; see ``masked_loss``)
@@ -188,6 +188,12 @@ def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
     return -torch.min(ratio * advantages, clipped * advantages)
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` where ``mask`` is 1 (0 when it keeps nothing)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 def masked_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "dapo",
                 max_completion_length: int | None = None) -> torch.Tensor:
     """One loss from per-token losses over the tokens ``mask`` keeps (TRL's ``loss_type``):
@@ -199,7 +205,7 @@ def masked_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "d
     * ``dr_grpo``: the sum divided by ``rows * max_completion_length`` (a constant: Dr. GRPO)."""
     mask = mask.to(per_token.dtype)
     if loss_type == "dapo":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        return masked_mean(per_token, mask)
     if loss_type == "grpo":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     if loss_type == "dr_grpo":
@@ -303,9 +309,14 @@ class RlMethod(ObjectiveWithMetrics, Lora):
         """The reward function ``method.reward`` names (looked up once); assign a callable to use
         another (tests, notebooks). Held-out prompts are scored with it too (``mean_reward``)."""
         if self._reward is None:
-            self._reward = get_reward(str(self.config.reward), "method.reward")
-            self._reward_name = str(self.config.reward)
+            self._reward, self._reward_name = self.load_reward()
         return self._reward
+
+    def load_reward(self) -> tuple[Reward, str]:
+        """The reward this method's config names and its name (``method.reward``, an
+        ``ftlab.rewards`` plugin); a method with another source of rewards (PPO's reward model)
+        overrides this."""
+        return get_reward(str(self.config.reward), "method.reward"), str(self.config.reward)
 
     @property
     def reward_name(self) -> str:
@@ -314,8 +325,10 @@ class RlMethod(ObjectiveWithMetrics, Lora):
         return self._reward_name
 
     def reward_key(self) -> Any:
-        """What the reward depends on, for the cache key of the base model's mean reward."""
-        return self.reward_name
+        """What the reward depends on, for the cache key of the base model's mean reward: the
+        reward's own ``key()`` when it has one (a reward model's files), else its name."""
+        key = getattr(self.reward_fn, "key", None)
+        return key() if callable(key) else self.reward_name
 
     @reward_fn.setter
     def reward_fn(self, function: Reward) -> None:
