@@ -23,6 +23,7 @@ from ftlab.config import default_method
 from ftlab.errors import FtlabError
 
 SWEEP_ROOT = Path("outputs/multirun")  # where hydra/default.yaml puts sweeps
+RUN_ROOT = Path("outputs/runs")  # and single runs
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -33,7 +34,7 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def _overrides(args: Sequence[str]) -> list[str]:
-    """The KEY=VALUE arguments of a Hydra command line (flags and their values are skipped)."""
+    """The overrides of a Hydra command line: KEY=VALUE and ~KEY (flags and their values are skipped)."""
     out, skip = [], False
     for arg in args:
         if skip:
@@ -41,35 +42,64 @@ def _overrides(args: Sequence[str]) -> list[str]:
         elif arg in ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
                      "--config-path", "-cp", "--info", "--experimental-rerun"):
             skip = arg not in ("--info",)
-        elif "=" in arg and not arg.startswith("-"):
+        elif ("=" in arg and not arg.startswith("-")) or arg.startswith("~"):
             out.append(arg)
     return out
 
 
-def train(args: Sequence[str]) -> None:
-    """``ftlab [train] OVERRIDES``: check the overrides, then hand the command line to Hydra."""
-    from ftlab.registry import check_overrides, get_registry
+# flags after which Hydra runs no job (help, --cfg, --info, completion), or composes from configs
+# other than ftlab's (--config-dir/-name/-path): the command line is not checked before Hydra then
+_UNCHECKED = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
+              "--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp", "--experimental-rerun")
 
-    get_registry()
-    check_overrides(_overrides(args), default_method=default_method())
+
+def train(args: Sequence[str]) -> None:
+    """``ftlab [train] OVERRIDES``: check the overrides, then hand the command line to Hydra.
+
+    Every check ``ftlab.config.compose`` makes (each key exists, each value fits its field's type
+    and range, the model folder loads, the method accepts the rest) runs here, on every value of
+    every sweep of a multirun, before Hydra makes a run folder and before any data or model loads."""
+    from ftlab.config import check_overrides
+
+    overrides = _overrides(args)
+    if any(a.split("=", 1)[0] in _UNCHECKED for a in args):
+        from ftlab.registry import check_overrides as check_method_overrides
+        from ftlab.registry import get_registry
+
+        get_registry()
+        check_method_overrides(overrides, default_method=default_method())
+    else:
+        check_overrides(overrides, multirun=any(a in ("-m", "--multirun") for a in args))
     sys.argv = [sys.argv[0], *args, *_resume_sweep_dir(args)]
     hydra_main()
 
 
 def _resume_sweep_dir(args: Sequence[str]) -> list[str]:
-    """``-m ... resume=true`` re-runs into the newest sweep folder made by the same command, so
-    completed jobs are found and skipped (an explicit ``hydra.sweep.dir=`` is used as given)."""
+    """``resume=true`` continues the newest run (or, with ``-m``, sweep) folder made by the same
+    overrides, so completed jobs are skipped and the others continue from their checkpoints (an
+    explicit ``hydra.run.dir=`` / ``hydra.sweep.dir=`` is used as given)."""
+    from ftlab.errors import FolderBusyError
+    from ftlab.locks import is_held
+
     overrides = _overrides(args)
     multirun = any(a in ("-m", "--multirun") for a in args)
-    if not multirun or "resume=true" not in overrides or any(o.startswith("hydra.sweep.dir=") for o in overrides):
+    given = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    if "resume=true" not in overrides or any(o.startswith(given) for o in overrides):
         return []
     wanted = sorted(o for o in overrides if not o.startswith("resume="))
-    for config in sorted(SWEEP_ROOT.glob("*/multirun.yaml"), reverse=True):
-        task = OmegaConf.load(config).hydra.overrides.task
+    if multirun:
+        found = [(c.parent, OmegaConf.load(c).hydra.overrides.task) for c in sorted(SWEEP_ROOT.glob("*/multirun.yaml"), reverse=True)]
+    else:
+        found = [(c.parent.parent, OmegaConf.load(c)) for c in sorted(RUN_ROOT.glob("*/.hydra/overrides.yaml"), reverse=True)]
+    what = "sweep" if multirun else "run"
+    for folder, task in found:
         if sorted(o for o in task if not o.startswith("resume=")) == wanted:
-            print(f"ftlab: resuming the sweep in {config.parent}", file=sys.stderr)
-            return [f"hydra.sweep.dir={config.parent}"]
-    print("ftlab: resume=true but no earlier sweep ran these overrides; starting a new sweep", file=sys.stderr)
+            if is_held(folder):
+                raise FolderBusyError(f"{folder}: another ftlab process is still training this {what}; "
+                                      "wait for it to end before resuming it")
+            print(f"ftlab: resuming the {what} in {folder}", file=sys.stderr)
+            return [f"{given}{folder}"]
+    print(f"ftlab: resume=true but no earlier {what} ran these overrides; starting a new {what}", file=sys.stderr)
     return []
 
 
@@ -181,6 +211,19 @@ def talk(command: str, args: Sequence[str]) -> None:
         raise SystemExit(130) from None
 
 
+def rerun(args: Sequence[str]) -> None:
+    """``ftlab rerun RUN_DIR [OVERRIDES]``: the run again, from its ``manifest.json``, in a new folder."""
+    import argparse
+
+    from ftlab.deploy.rerun import rerun_run
+
+    parser = argparse.ArgumentParser(prog="ftlab rerun", description=COMMANDS["rerun"].help)
+    parser.add_argument("run_dir", type=Path, help="a run folder (or a sweep job's folder) holding manifest.json")
+    parser.add_argument("overrides", nargs="*", help="overrides added to the run's own, e.g. trainer.max_steps=10")
+    ns = parser.parse_args(list(args))
+    rerun_run(ns.run_dir, ns.overrides, train)
+
+
 class Command(NamedTuple):
     run: Callable[[Sequence[str]], None]  # called with the arguments after the command's name
     help: str  # the description of ``ftlab NAME --help``
@@ -191,6 +234,8 @@ COMMANDS: dict[str, Command] = {
     "train": Command(train, "train with Hydra overrides (the default when no subcommand is given)", (
         ("python -m ftlab [GROUP=OPTION ...] [KEY=VALUE ...]", "or: ftlab train ..."),
         ("python -m ftlab -m method=full,lora,qlora seed=0,1", "a sweep, one job each"))),
+    "rerun": Command(rerun, "repeat a run from its manifest.json in a new folder: ftlab rerun RUN_DIR [OVERRIDES]", (
+        ("ftlab rerun RUN_DIR [OVERRIDES]", "the same run again, naming what differs on this machine"),)),
     "methods": Command(methods, "list installed methods and presets; --sizes [OVERRIDES] measures each on a model", (
         ("ftlab methods", "installed methods and their fields"),)),
     "compare": Command(compare, "compare finished runs: ftlab compare SWEEP_DIR [SWEEP_DIR ...] [--out DIR]", (

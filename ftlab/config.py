@@ -7,7 +7,10 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from omegaconf import DictConfig
 
+from ftlab.errors import ConfigError
+
 if TYPE_CHECKING:
+    from ftlab.errors import FtlabError
     from ftlab.registry import MethodInfo
 
 CONF_DIR = Path(__file__).parent / "conf"
@@ -15,31 +18,143 @@ CONFIG_NAME = "train"
 
 
 def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """Compose the training config exactly as ``python -m ftlab`` would, for tests and tools.
-    Works inside a running Hydra job too (a PPO run loading its reward model's run config): the
-    job's Hydra state is set aside for the composition and put back after it."""
+    """Compose the training config exactly as ``python -m ftlab`` would, for tests and tools, and
+    check it (``validate``): a bad override or value is a one-line ``FtlabError``, never Hydra's
+    or OmegaConf's traceback. Works inside a running Hydra job too (a PPO run loading its reward
+    model's run config): the job's Hydra state is set aside for the composition and put back."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
+    from ftlab.overrides import check
     from ftlab.registry import check_overrides, get_registry
 
+    parsed = check(overrides)  # what needs no composition: keys, group options, values
     get_registry()
-    check_overrides(overrides, default_method=default_method())
+    check_overrides(overrides, default_method=default_method())  # method names, fields and values
+    for o in parsed:
+        if o.is_sweep_override():
+            raise ConfigError(f"{o.input_line}: a sweep runs with -m (--multirun); for a list write "
+                              f"{o.get_key_element()}=[...], for a string quote the value")
     outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     outer_job = HydraConfig.instance().cfg
     if outer is not None:
         GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
+            try:
+                cfg = hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
+            except Exception as exc:
+                error = _composition_error(exc, parsed)
+                if error is None:
+                    raise
+                raise error from None
     finally:
         if outer is not None:
             GlobalHydra.instance().initialize(outer)
         HydraConfig.instance().cfg = outer_job
     validate(cfg)
     return cfg
+
+
+def check_overrides(overrides: Sequence[str], multirun: bool = False) -> None:
+    """Every check ``compose`` makes, for a command line about to run (``ftlab.cli.train`` calls
+    it before Hydra makes a run folder): a multirun composes once per value of every sweep (the
+    command line's and the sweeps its config files declare, ``hydra.sweeper.params``), each value
+    with the first of the other sweeps, and validates each composition."""
+    from ftlab.overrides import check, variations
+
+    check(overrides)  # the quick checks first: a typo fails before the method registry (torch) loads
+    if not multirun:
+        compose(overrides)
+        return
+    from ftlab.errors import FtlabError
+    from ftlab.registry import check_overrides as check_method_overrides
+    from ftlab.registry import get_registry
+
+    get_registry()
+    check_method_overrides(overrides, default_method=default_method())  # every swept method and value
+    base = variations(overrides)[0]
+    params = compose(base, return_hydra_config=True).hydra.sweeper.get("params")
+    declared = []
+    for key, value in (params or {}).items():
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            declared.append(f"{key}={value}")
+    try:
+        runs = variations(overrides, declared)
+    except FtlabError:  # a sweeper's own syntax that Hydra's parser does not take: its sweeper's job
+        runs = variations(overrides)
+    for run in runs:
+        if run != base:
+            compose(run)
+
+
+def _composition_error(exc: Exception, parsed: Sequence[Any]) -> "FtlabError | None":
+    """Hydra's and OmegaConf's composition errors as one line naming the key and what is valid;
+    None for anything else (a bug, which keeps its traceback)."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    from ftlab.schema import shown, spec_at, unknown_key_message
+
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
+        group, _, option = exc.missing_cfg_file.rpartition("/")
+        options = ", ".join(exc.options or [])
+        return ConfigError(f"{group}={option}: no such option of the {group} group; options: {options}")
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for error in chain:
+        key = getattr(error, "full_key", None)
+        if not key:
+            continue
+        written = next((o for o in parsed if o.key_or_group == key), None)
+        if isinstance(error, ValidationError):
+            value = shown(written.value()) if written is not None else "?"
+            spec = spec_at(key, _method_config(key, parsed))
+            expected = spec.expected() if spec else " ".join(str(error).split("full_key:")[0].split())
+            return ConfigError(f"{key}={value}: expected {expected}")
+        if isinstance(error, (ConfigKeyError, AttributeError)):
+            return ConfigError(unknown_key_message(key, _keys_of(key.rpartition(".")[0], parsed)))
+    if isinstance(exc, (HydraException, OmegaConfBaseException)):
+        return ConfigError(" ".join(str(exc).split()))
+    return None
+
+
+def _method_config(key: str, parsed: Sequence[Any]) -> type | None:
+    """The ``Config`` of the method the overrides select, for a ``method.*`` key (else None)."""
+    from ftlab.errors import FtlabError
+    from ftlab.registry import get_registry
+
+    if not key.startswith("method."):
+        return None
+    name = next((str(o.value()) for o in parsed if o.key_or_group == "method" and not o.is_sweep_override()),
+                default_method())
+    try:
+        return get_registry().get(name).cls.Config
+    except FtlabError:
+        return None
+
+
+def _keys_of(parent: str, parsed: Sequence[Any]) -> list[str]:
+    """The keys of node ``parent`` in the config the group choices among ``parsed`` compose."""
+    from hydra import compose as hydra_compose
+    from omegaconf import OmegaConf
+
+    from ftlab.overrides import inventory
+
+    groups = inventory().groups
+    choices = [o.input_line for o in parsed if not o.is_sweep_override()
+               and (o.key_or_group in groups or o.key_or_group == "method" or "/" in o.key_or_group)]
+    try:
+        cfg = hydra_compose(CONFIG_NAME, overrides=choices, return_hydra_config=parent.split(".")[0] == "hydra")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return sorted(str(k) for k in node.keys())
+    except Exception:
+        return []
 
 
 def default_method() -> str:
@@ -107,11 +222,16 @@ def refused_strategy(refused: Mapping[str, str], name: str) -> tuple[str, str] |
 
 
 def validate(cfg: DictConfig) -> "MethodInfo":
-    """Checks that need the whole composed config; run before anything heavy is loaded."""
-    from ftlab.errors import ConfigError
+    """Checks that need the whole composed config; run before anything heavy is loaded: every
+    field's type and range, the model folder, then what the method accepts."""
+    from ftlab.models.files import check_model_config
     from ftlab.registry import get_registry
+    from ftlab.schema import check_config
 
     info = get_registry().get(cfg.method.name)
+    check_config(cfg, info.cls.Config)  # the type and range of every field (ftlab.schema)
+    if cfg.get("model") is not None:
+        check_model_config(cfg.model)  # a local model folder that cannot load (headers only)
     quant = cfg.quantization.name
     if quant not in info.cls.quantizations:
         accepted = " | ".join(info.cls.quantizations)

@@ -46,3 +46,36 @@ class GgufError(FtlabError):
 
 class ChatError(FtlabError):
     """A folder or setting ``ftlab generate`` / ``ftlab chat`` cannot work with."""
+
+
+class DivergedError(FtlabError):
+    """Training that diverged (raised by ``ftlab.guards``): a non-finite loss or gradient, a loss stuck
+    at the value of a uniform output or risen far above its start, weights grown by orders of
+    magnitude. ``step``: the optimizer step it was seen at; ``reason``: the rule that fired
+    (``nonfinite_loss``, ``nonfinite_grad``, ``uniform_loss``, ``loss_rise``, ``weight_growth``)."""
+
+    def __init__(self, message: str, step: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.step = step
+        self.reason = reason
+
+    def __reduce__(self):  # keeps step and reason through pickling (a sweep launcher's worker process)
+        return type(self), (str(self), self.step, self.reason)
+
+
+class FolderBusyError(FtlabError):
+    """A run or sweep folder another ftlab process is training into (``ftlab.locks``)."""
+
+
+class Interrupted(SystemExit):
+    """A run stopped by SIGINT or SIGTERM (``ftlab.interrupts``): not an error but an ending, whose
+    exit status is the shell's for the signal, 128 + its number (130, 143). A ``SystemExit``, so a
+    sweep stops too (a failed job lets a sweep go on; an interrupted one does not)."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        import signal
+
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+        self.signal_name = signal.Signals(signum).name
+        self.message = message or f"interrupted by {self.signal_name}"

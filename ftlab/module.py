@@ -25,6 +25,7 @@ from torch import nn
 
 from ftlab.evaluation.classification import ClassificationMetrics
 from ftlab.errors import MethodError
+from ftlab.guards import check_finite_loss
 from ftlab.methods.base import BaseMethod, batch_size
 from ftlab.models.quant import keep_standard_4bit_layout
 
@@ -102,9 +103,8 @@ class FineTuneModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.method.loss(self.model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train/loss is {loss.item()} at step {self.global_step}")
-        self.train_losses.append(float(loss.detach()))
+        # a nan/inf loss stops the run (DivergedError, one line), whatever the divergence settings
+        self.train_losses.append(check_finite_loss(loss, self.global_step, getattr(self.method.config, "lr", None)))
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch_size(batch))
         return loss
 

@@ -83,12 +83,17 @@ class Registry(Discovered[MethodInfo]):
         return super()._installed() + presets
 
     def check_field(self, method: str, key: str) -> None:
-        """Raise a MethodError naming ``key`` and the valid fields when ``method`` has no such field."""
+        """Raise a MethodError naming ``key``, the valid fields and the closest one when ``method``
+        has no such field."""
+        from ftlab.schema import closest
+
         info = self.get(method)
         top = key.split(".", 1)[0]
         if top != "name" and top not in info.field_names:
+            best = closest(top, info.field_names)
             raise MethodError(
                 f"method '{method}' has no field '{top}'. Valid fields: {', '.join(info.field_names)}"
+                + (f"; did you mean method.{best}?" if best else "")
             )
 
 
@@ -113,8 +118,27 @@ def _validate(name: str, obj: Any) -> type[BaseMethod]:
     if not (isinstance(config, type) and issubclass(config, MethodConfig) and dataclasses.is_dataclass(config)):
         raise MethodError(f"'{name}': {obj.__name__}.Config must be a dataclass subclassing ftlab.methods.base.MethodConfig")
     for f in config_fields(config):
-        field_default(f)  # a field without a default is allowed ('???' = required)
+        _check_declared_range(name, config, f)
     return obj
+
+
+def _check_declared_range(name: str, config: type, f: dataclasses.Field) -> None:
+    """A field's declared range (``metadata``: min, max, gt, lt, choices, also, check) must be
+    well formed, and its default inside it (a required field, '???', and an interpolation,
+    '${...}', have none to check)."""
+    from ftlab.schema import spec_of
+
+    try:
+        spec = spec_of(config, f.name)
+    except TypeError as exc:
+        raise MethodError(f"'{name}': {exc}") from None
+    default = field_default(f)
+    if isinstance(default, str) and (default == "???" or "${" in default):
+        return
+    problem = spec.problem(default)
+    if problem:
+        raise MethodError(f"'{name}': the default of {config.__name__}.{f.name} ({default!r}) is outside its "
+                          f"declared range: expected {problem}")
 
 
 def _method_info(ep: metadata.EntryPoint, obj: Any) -> MethodInfo:
@@ -212,30 +236,34 @@ def register(registry: Registry) -> None:
 
 
 def check_overrides(overrides: Sequence[str], default_method: str, registry: Registry | None = None) -> None:
-    """Fail early, with the valid choices, on an unknown method or a misspelt ``method.FIELD``.
+    """Fail early, with the valid choices, on an unknown method, a misspelt ``method.FIELD`` or a
+    value a field's type or declared range refuses (``method.lr=-1``), before anything composes.
 
     Hydra alone reports a bad field as "Key 'rr' is not in struct"; this names the method and
-    lists its fields. Sweep values (``method=lora,qlora``) are each checked.
+    lists its fields. Every swept method (``method=lora,qlora``) is checked with every swept
+    value of every field (``method.r=4,0``). A value of another type than the field's (a string
+    for an int) is left to the composition, which converts what OmegaConf converts and reports
+    the rest in the same words.
     """
+    from ftlab.overrides import parse, sweep_values
+    from ftlab.schema import check_value, conforms, spec_at
+
     registry = registry or get_registry()
     methods = [default_method]
-    keys: list[str] = []
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or key.startswith(("+", "~", "hydra.")):
+    fields: list[tuple[str, list[Any]]] = []
+    for override in parse(overrides):
+        key = override.key_or_group
+        if override.is_delete() or override.package:
             continue
         if key == METHOD_GROUP:
-            methods = _sweep_values(value)
+            methods = [str(v) for v in sweep_values(override) if v is not None]
         elif key.startswith(METHOD_GROUP + "."):
-            keys.append(key[len(METHOD_GROUP) + 1:])
+            fields.append((key[len(METHOD_GROUP) + 1:], sweep_values(override)))
     for method in methods:
-        registry.get(method)  # a preset is checked against the method it starts from
-        for key in keys:
+        info = registry.get(method)  # a preset is checked against the method it starts from
+        for key, values in fields:
             registry.check_field(method, key)
-
-
-def _sweep_values(value: str) -> list[str]:
-    value = value.strip()
-    if value.startswith(("choice(", "glob(", "range(", "interval(")):
-        return []  # sweeper functions: leave them to Hydra
-    return [v.strip() for v in value.split(",") if v.strip()]
+            spec = spec_at(f"{METHOD_GROUP}.{key}", info.cls.Config)
+            for value in values if spec is not None else []:
+                if not (isinstance(value, str) and "${" in value) and (value is None or conforms(value, spec.hint)):
+                    check_value(f"{METHOD_GROUP}.{key}", value, spec)

@@ -75,6 +75,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import pytest
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning import Callback
 from pytorch_lightning.loggers import Logger
 from torch import nn
 
@@ -777,3 +778,20 @@ class MethodContract:
     @pytest.mark.parametrize("quant", QUANTIZED_CHECKED)
     def test_quantized_gradients_match_dequantized_float(self, quant: str, contract_cache: Path, tmp_path: Path) -> None:
         check_quantized_gradients(self._quantized(quant, contract_cache, tmp_path))
+
+
+
+class SignalAt(Callback):
+    """A Lightning callback that sends this process ``signal`` (a name: ``SIGKILL``, ``SIGTERM``,
+    ``SIGINT``) once training has done ``step`` optimizer steps: an interruption at a known point,
+    for tests of checkpoints and resumption. Add it to a run with
+    ``+callbacks.stop._target_=ftlab.testing.SignalAt +callbacks.stop.step=6 +callbacks.stop.signal=SIGTERM``."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
+        import signal as signals
+
+        self.step, self.signum = int(step), getattr(signals, signal)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == 0:  # as a scheduler signals the main process
+            os.kill(os.getpid(), self.signum)

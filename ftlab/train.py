@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import signal
+import sys
+import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ftlab.build import Run, build, final_scores, generation_records, pair_records, reward_records
 from ftlab.callbacks import TokenThroughput
-from ftlab.errors import FtlabError
+from ftlab.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, StepCheckpoints, checkpoint_callbacks, newest_checkpoint, resolve_ckpt_path
+from ftlab.errors import DivergedError, FtlabError
+from ftlab.guards import DivergenceGuard
+from ftlab.interrupts import Interrupted, SignalGuard
+from ftlab.locks import hold_folder
+from ftlab.manifest import data_fingerprint, write_manifest
 from ftlab.sweeps.pruning import OptunaPruning, trial_for_this_job
 from ftlab.models.quant import count_quantized_linear
 from ftlab.results import PeakMemory, Stopwatch, folder_mb, loss_summary, read_metrics, write_metrics
@@ -42,30 +53,80 @@ SAMPLES_FILE = "samples.jsonl"  # generations logged at every validation
 
 
 def train(cfg: DictConfig) -> float:
-    """Run one job and record it; re-raises failures after writing ``status: failed``."""
+    """Run one job and record it; re-raises failures after writing their status (``failed``,
+    ``diverged``, ``interrupted``). The run folder is locked for the job's length."""
     out = Path(cfg.paths.output_dir)
-    done = _completed_record(out) if cfg.get("resume") else None
-    if done is not None:
-        log.info("resume: %s already completed, skipping it", out)
-        return objective_value(cfg, done)
-    record = _base_record(cfg)
-    watch = Stopwatch()
-    with PeakMemory() as memory:
-        try:
-            record.update(fit(build(cfg), out))
-            record["status"] = "pruned" if record.get("pruned_at_step") is not None else "completed"
-        except BaseException as exc:
-            record["status"] = "failed"
-            record["error"] = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            record["wall_s"] = round(watch.seconds, 2)
-            record["peak_rss_mb"] = round(memory.peak_rss_mb, 1)
-            record["peak_gpu_mb"] = memory.peak_gpu_mb
-            if rank_zero_only.rank == 0:
-                path = write_metrics(out, record)
-                log.info("run record: %s (status: %s)", path, record["status"])
+    with ExitStack() as held:
+        if rank_zero_only.rank == 0:  # DDP's other ranks are the same run: rank 0 holds its folder
+            held.enter_context(hold_folder(out, "run"))
+        signals = held.enter_context(SignalGuard())
+        done = _completed_record(out) if cfg.get("resume") else None
+        if done is not None:
+            log.info("resume: %s already completed, skipping it", out)
+            return objective_value(cfg, done)
+        record = _base_record(cfg)
+        watch = Stopwatch()
+        run: Run | None = None
+        with PeakMemory() as memory:
+            try:
+                ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), out, bool(cfg.get("resume")))
+                if ckpt is not None:
+                    record["resumed_from"] = str(ckpt)
+                    log.info("continuing from checkpoint %s", ckpt)
+                if rank_zero_only.rank == 0:
+                    write_manifest(out, cfg, record.get("overrides", []))
+                    write_metrics(out, record)  # status: running, until one of the endings below
+                run = build(cfg)
+                if rank_zero_only.rank == 0:
+                    write_manifest(out, cfg, record.get("overrides", []), data=data_fingerprint(run.datamodule))
+                record.update(fit(run, out, ckpt, signals))
+                record["status"] = "pruned" if record.get("pruned_at_step") is not None else "completed"
+            except (SIGTERMException, Interrupted) as exc:
+                signum = signals.received or getattr(exc, "signum", signal.SIGTERM)
+                record.update(_progress(run), status="interrupted", signal=signal.Signals(signum).name)
+                checkpoint = newest_checkpoint(out)
+                record["checkpoint"] = str(checkpoint) if checkpoint else None
+                raise Interrupted(signum, _interrupted_message(record, out, checkpoint)) from None
+            except DivergedError as exc:
+                record.update(_progress(run), status="diverged", error=str(exc), diverged_at_step=exc.step,
+                              divergence=exc.reason)
+                raise
+            except BaseException as exc:
+                record.update(_progress(run), status="failed", error=f"{type(exc).__name__}: {exc}")
+                raise
+            finally:
+                record["wall_s"] = round(watch.seconds, 2)
+                record["peak_rss_mb"] = round(memory.peak_rss_mb, 1)
+                record["peak_gpu_mb"] = memory.peak_gpu_mb
+                if rank_zero_only.rank == 0:
+                    path = write_metrics(out, record)
+                    log.info("run record: %s (status: %s)", path, record["status"])
+                    if record["status"] == "completed":
+                        _drop_checkpoints(cfg, out)
     return objective_value(cfg, record)
+
+
+def _progress(run: Run | None) -> dict[str, Any]:
+    """How far a run that did not complete got: its steps and training losses."""
+    if run is None:
+        return {}
+    module = run.module
+    steps = module.trainer.global_step if module._trainer is not None else 0
+    return {"steps": steps, "train_losses": [round(x, 6) for x in module.train_losses], **loss_summary(module.train_losses)}
+
+
+def _interrupted_message(record: dict[str, Any], out: Path, checkpoint: Path | None) -> str:
+    where = f"at step {record['steps']}" if record.get("steps") is not None else "before training started"
+    kept = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint yet"
+    again = " ".join(["python -m ftlab", *[a for a in sys.argv[1:] if not a.startswith("resume=")], "resume=true"])
+    return f"interrupted by {record['signal']} {where} ({kept}); run record {out / 'metrics.json'}; to continue: {again}"
+
+
+def _drop_checkpoints(cfg: DictConfig, out: Path) -> None:
+    """A completed run's result is its saved model: its checkpoints go, unless asked to stay."""
+    if (cfg.get("checkpoint") or {}).get("keep_after_success"):
+        return
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def objective_value(cfg: DictConfig, record: dict[str, Any]) -> float:
@@ -88,11 +149,19 @@ def _prunable(cfg: DictConfig) -> bool:
     return name == "val_loss"
 
 
-def fit(run: Run, out: Path) -> dict[str, Any]:
-    """Train, validate at the end, save the artifact; return the metrics for the run record."""
+def fit(run: Run, out: Path, ckpt: Path | None = None, signals: SignalGuard | None = None) -> dict[str, Any]:
+    """Train (from checkpoint ``ckpt`` when given), validate at the end, save the artifact; return
+    the metrics for the run record. ``signals`` turns SIGINT/SIGTERM into a stop at the next step."""
     cfg = run.cfg
     throughput = TokenThroughput()  # always on: tokens/s belongs in every run record
     callbacks = [throughput, *_instantiate_all(cfg.get("callbacks"))]
+    if signals is not None:
+        callbacks.append(signals)
+    guard = DivergenceGuard.from_config(cfg)  # stops a diverged run: DivergedError -> status "diverged"
+    if guard is not None:
+        callbacks.append(guard)
+    if cfg.trainer.get("enable_checkpointing", True):
+        callbacks += checkpoint_callbacks(cfg, out)
     records = generation_records(cfg, run.datamodule)
     if records and int(cfg.eval.num_samples) > 0:
         callbacks.append(GenerationSamples(records, run.tokenizer, num_samples=int(cfg.eval.num_samples),
@@ -113,7 +182,10 @@ def fit(run: Run, out: Path) -> dict[str, Any]:
     if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer, final_validation = _trainer(cfg, callbacks, loggers)
-    trainer.fit(run.module, datamodule=run.datamodule)
+    with warnings.catch_warnings():  # ResumableLoader continues mid-epoch, which Lightning cannot see
+        warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt, weights_only=False)
     if final_validation:
         trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
 
@@ -175,10 +247,13 @@ def _trainer(cfg: DictConfig, callbacks: list, loggers: list) -> tuple[pl.Traine
     if max_steps > 0:
         interval = min(interval, max_steps)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
+    checkpointing = any(isinstance(c, StepCheckpoints) for c in callbacks)
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
+        enable_checkpointing=checkpointing,
+        plugins=[AtomicCheckpointIO()] if checkpointing else None,
         val_check_interval=interval * accumulate,  # Lightning counts batches, ftlab counts steps
     )
     return trainer, max_steps > 0 and max_steps % interval != 0
@@ -229,6 +304,13 @@ def task(cfg: DictConfig) -> float:
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return train(cfg)
+    except Interrupted as exc:  # a signal stops the sweep too; what finished is still compared
+        if rank_zero_only.rank != 0:  # DDP's other ranks end the same way, silently
+            raise
+        print(f"ftlab: {exc.message}", file=sys.stderr)
+        if multirun:
+            _compare_what_ran(HydraConfig.get().sweep.dir)
+        raise
     except Exception as exc:
         if multirun:
             log.error("job failed, the sweep goes on: %s: %s", type(exc).__name__, exc)
@@ -236,3 +318,14 @@ def task(cfg: DictConfig) -> float:
         if isinstance(exc, FtlabError):
             raise SystemExit(f"ftlab: error: {exc}") from None
         raise
+
+
+def _compare_what_ran(sweep_dir: str) -> None:
+    """The comparison of an interrupted sweep: its finished jobs, and those that did not run."""
+    from ftlab.sweeps.compare import write_comparison
+
+    try:
+        write_comparison([sweep_dir], sweep_dir)
+        log.info("comparison of the finished jobs written to %s", sweep_dir)
+    except Exception as exc:  # the interruption is what the user must hear about
+        log.error("could not compare the sweep in %s: %s: %s", sweep_dir, type(exc).__name__, exc)

@@ -1,13 +1,16 @@
-"""ftlab.cache: the hasher that names cache entries, folders built once, files written whole, and
-JSON values computed once under a lock."""
+"""ftlab.cache: the hasher that names cache entries, folders built once, files written whole, JSON
+values computed once under a lock, and damaged entries of both kinds found, reported and rebuilt."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from ftlab.cache import (
     build_once,
     cached_json,
     fingerprint,
+    folder_problem,
     is_complete,
 )
 
@@ -191,3 +195,184 @@ def test_cached_json_stores_nothing_when_compute_fails(tmp_path):
         cached_json(path, broken, dict)
     assert not path.exists()
     assert cached_json(path, lambda: {"v": 1}, dict) == ({"v": 1}, False)
+
+
+# -- verification: damaged entries are never trusted -----------------------------------------------
+
+WEIGHTS = bytes(range(256)) * 64  # 16 KiB, like a small weights file
+
+
+def _build_model(calls: list) -> Callable[[Path], None]:
+    def build(tmp: Path) -> None:
+        calls.append(tmp)
+        (tmp / "weights.bin").write_bytes(WEIGHTS)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "config.json").write_text('{"layers": 2}')
+
+    return build
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != COMPLETE_MARKER}
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_byte(path: Path, at: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _old_marker(folder: Path) -> None:
+    (folder / COMPLETE_MARKER).write_text(json.dumps({"built_at": 1.0}))  # what ftlab wrote before hashes
+
+
+DAMAGE = {
+    "truncated": (lambda f: _truncate(f / "weights.bin"), "weights.bin has 8192 bytes, but 16384 were written"),
+    "same size, one byte changed": (lambda f: _flip_a_byte(f / "weights.bin"), "weights.bin does not match the sha256"),
+    "a nested file changed": (lambda f: (f / "sub" / "config.json").write_text('{"layers": 3}'),
+                              "sub/config.json does not match the sha256"),
+    "a file removed": (lambda f: (f / "weights.bin").unlink(), "weights.bin is missing"),
+    "marker removed": (lambda f: (f / COMPLETE_MARKER).unlink(), f"no completion marker {COMPLETE_MARKER}"),
+    "marker cut short": (lambda f: _truncate(f / COMPLETE_MARKER), "is not valid JSON"),
+    "marker of an older ftlab": (_old_marker, "older ftlab"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_build_once_rebuilds_a_damaged_folder_with_a_warning(tmp_path, damage, caplog):
+    harm, reason = DAMAGE[damage]
+    calls: list = []
+    target = tmp_path / "model"
+    build_once(target, _build_model(calls))
+    fresh = _contents(target)
+    harm(target)
+    assert not is_complete(target)
+    with caplog.at_level(logging.WARNING, logger="ftlab.cache"):
+        assert build_once(target, _build_model(calls)) == target
+    assert len(calls) == 2
+    (record,) = [r for r in caplog.records if r.name == "ftlab.cache"]
+    assert record.levelno == logging.WARNING
+    assert str(target) in record.message and reason in record.message and "building it again" in record.message
+    assert _contents(target) == fresh
+    assert is_complete(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.lock"]  # nothing set aside is left
+
+
+def test_an_untouched_folder_is_a_hit_and_says_nothing(tmp_path, caplog):
+    calls: list = []
+    target = tmp_path / "model"
+    build_once(target, _build_model(calls))
+    marker = json.loads((target / COMPLETE_MARKER).read_text())
+    assert marker["files"] == {
+        "sub/config.json": {"size": 13, "sha256": fingerprint(b'{"layers": 2}')},
+        "weights.bin": {"size": len(WEIGHTS), "sha256": fingerprint(WEIGHTS)},
+    }
+    (target / "notes.txt").write_text("added later")  # not part of the entry: ignored
+    with caplog.at_level(logging.DEBUG, logger="ftlab.cache"):
+        for _ in range(2):
+            build_once(target, _build_model(calls))
+    assert len(calls) == 1 and caplog.records == []
+
+
+def test_folders_are_hashed_once_per_process_until_a_file_changes(tmp_path, monkeypatch):
+    import ftlab.cache
+
+    target = tmp_path / "model"
+    build_once(target, _build_model([]))
+    hashed: list[str] = []
+    real = ftlab.cache.file_sha256
+    monkeypatch.setattr(ftlab.cache, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    assert folder_problem(target) is None and hashed == []  # its builder hashed it just now
+    ftlab.cache._verified.clear()  # as in a new process
+    assert folder_problem(target) is None and sorted(hashed) == ["config.json", "weights.bin"]
+    assert folder_problem(target) is None and len(hashed) == 2  # sizes checked, not hashed again
+    stat = (target / "weights.bin").stat()
+    _flip_a_byte(target / "weights.bin")
+    os.utime(target / "weights.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime
+    assert "weights.bin does not match the sha256" in folder_problem(target)
+
+
+def test_concurrent_callers_rebuild_a_damaged_folder_once(tmp_path, caplog):
+    calls: list = []
+    target = tmp_path / "model"
+    build_once(target, _build_model(calls))
+    _flip_a_byte(target / "weights.bin")
+
+    def slow_build(tmp: Path) -> None:
+        time.sleep(0.3)
+        _build_model(calls)(tmp)
+
+    with caplog.at_level(logging.WARNING, logger="ftlab.cache"):
+        threads = [threading.Thread(target=build_once, args=(target, slow_build)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(calls) == 2 and (target / "weights.bin").read_bytes() == WEIGHTS
+    assert len([r for r in caplog.records if "cannot be used" in r.message]) == 1
+
+
+SAMPLES = [{"prompt": "p", "reference": "r", "prediction": "x", "correct": False}]
+
+
+def _score_file(tmp_path: Path) -> tuple[Path, dict]:
+    from ftlab.evaluation.generation import GenerationScore, base_score_cached
+
+    key = {"checkpoint": "tiny-abc", "quantization": "none", "records": "sha:1", "checker": "exact"}
+    score = GenerationScore(0.25, 1, 4, "exact", SAMPLES)
+    base_score_cached(tmp_path, key, lambda: score)
+    (path,) = (tmp_path / "base_eval").glob("*.json")
+    return path, key
+
+
+JSON_DAMAGE = {
+    "truncated": (_truncate, "is not valid JSON"),
+    "same size, a number changed": (lambda p: p.write_text(p.read_text().replace('"score": 0.25', '"score": 0.75')),
+                                    "does not match the sha256 stored with it"),
+    "written by an older ftlab": (lambda p: p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items()
+                                                                     if k != "_ftlab_sha256"})), "no content hash"),
+}
+
+
+@pytest.mark.parametrize("damage", list(JSON_DAMAGE))
+def test_a_damaged_cached_score_is_computed_again_with_a_warning(tmp_path, damage, caplog):
+    from ftlab.evaluation.generation import GenerationScore, base_score_cached
+
+    harm, reason = JSON_DAMAGE[damage]
+    path, key = _score_file(tmp_path)
+    fresh = path.read_text()
+    size = path.stat().st_size
+    harm(path)
+    if damage.startswith("same size"):
+        assert path.stat().st_size == size and json.loads(path.read_text())["score"]["score"] == 0.75
+    calls = []
+
+    def compute() -> GenerationScore:
+        calls.append(1)
+        return GenerationScore(0.25, 1, 4, "exact", SAMPLES)
+
+    with caplog.at_level(logging.WARNING, logger="ftlab.cache"):
+        score, hit = base_score_cached(tmp_path, key, compute)
+    assert (hit, len(calls), score.score) == (False, 1, 0.25)
+    (record,) = caplog.records
+    assert str(path) in record.message and reason in record.message and "computing it again" in record.message
+    assert path.read_text() == fresh
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ftlab.cache"):  # control: now whole, a hit
+        assert base_score_cached(tmp_path, key, compute) == (score, True)
+    assert len(calls) == 1 and caplog.records == []
+
+
+def test_cached_json_stores_the_hash_beside_the_value(tmp_path):
+    path = tmp_path / "k.json"
+    cached_json(path, lambda: {"score": 0.5}, dict)
+    stored = json.loads(path.read_text())
+    assert stored == {"score": 0.5, "_ftlab_sha256": fingerprint({"score": 0.5}, strict=False)}
+    with pytest.raises(TypeError, match="JSON object"):
+        cached_json(tmp_path / "list.json", lambda: [1, 2], list)
+    assert not (tmp_path / "list.json").exists()

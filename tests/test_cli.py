@@ -21,6 +21,7 @@ def _ftlab(*args: str, cache: Path, entry: list[str] | None = None, timeout: int
     )
 
 
+@pytest.mark.slow  # a subprocess sweep of many jobs: CI runs it, the quick loop does not
 def test_multirun_over_every_registered_method(tmp_path: Path, cache_dir: Path) -> None:
     from ftlab.registry import get_registry
 
@@ -74,22 +75,23 @@ def test_single_run_input_error_is_one_line_and_recorded(tmp_path: Path, cache_d
 
 
 def test_model_load_error_is_one_line_naming_the_field_and_valid_kinds(tmp_path: Path, cache_dir: Path) -> None:
-    out = _ftlab("model=tiny", "model.kind=huge", "trainer.max_steps=1", f"hydra.run.dir={tmp_path}", cache=cache_dir)
+    out = _ftlab("model=tiny", "model.kind=huge", "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}", cache=cache_dir)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("ftlab: error:")]
-    assert errors == ["ftlab: error: unknown model.kind 'huge'; expected 'tiny' or 'pretrained'"], out.stderr[-3000:]
-    record = json.loads((tmp_path / "metrics.json").read_text())
-    assert record["status"] == "failed" and record["error"].startswith("ModelLoadError: unknown model.kind")
+    assert errors == ["ftlab: error: model.kind=huge: expected one of: tiny | pretrained"], out.stderr[-3000:]
+    assert not (tmp_path / "run").exists()  # refused before Hydra made the run folder
 
 
 def test_failed_job_does_not_abort_the_sweep(tmp_path: Path, cache_dir: Path) -> None:
     sweep = tmp_path / "sweep"
-    out = _ftlab("-m", "method=lora", "method.r=0,4", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}", *TINY,
+    bad = tmp_path / "bad.jsonl"  # fails when its job reads it: no check before the sweep can see that
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
+    out = _ftlab("-m", "method=lora", f"data.path={bad},null", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}", *TINY,
                  cache=cache_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads((sweep / f"{i}_lora" / "metrics.json").read_text()) for i in range(2)]
-    assert records[0]["status"] == "failed" and "r" in records[0]["error"]
+    assert records[0]["status"] == "failed" and "line 2" in records[0]["error"]
     assert records[1]["status"] == "completed"
 
 
@@ -116,6 +118,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path, cache_dir: Path) -> None:
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow  # a subprocess sweep of many jobs: CI runs it, the quick loop does not
 def test_methods_lists_presets_and_sizes_table(tmp_path: Path, cache_dir: Path) -> None:
     listing = subprocess.run([sys.executable, "-m", "ftlab", "methods"], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "COLUMNS": "200"})
@@ -136,9 +139,9 @@ def test_methods_lists_presets_and_sizes_table(tmp_path: Path, cache_dir: Path) 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (("method=freeze", "method.last_n_blocks=9"), "ftlab: error: method.last_n_blocks=9 must be between 0 and 2"),
-    (("scheduler.warmup_ratio=2",), "ftlab: error: scheduler.warmup_ratio=2 must be in [0, 1)"),
+    (("scheduler.warmup_ratio=2",), "ftlab: error: scheduler.warmup_ratio=2: expected a number in [0, 1)"),
     (("method=qlora", "quantization.bnb_4bit_compute_dtype=float33"),
-     "ftlab: error: unknown dtype 'float33'; expected one of: float32"),
+     "ftlab: error: quantization.bnb_4bit_compute_dtype=float33: expected one of: auto | float32"),
 ])
 def test_bad_values_are_one_line_not_a_traceback(overrides: tuple[str, ...], message: str, tmp_path: Path,
                                                  cache_dir: Path) -> None:

@@ -7,7 +7,9 @@ data, tokenizer, template and settings loads the examples instead.
 The key is a fingerprint of the prepared data, the tokenizer, the template and the encoding
 settings, so any change to one of them gets a new entry rather than stale tokens. Entries are
 written with ``ftlab.cache.build_once`` (a temporary folder moved into place under a file lock):
-a crash never leaves a half-written entry and parallel jobs tokenize once. Prints are
+a crash never leaves a half-written entry and parallel jobs tokenize once, and an entry whose
+files no longer match the sha256 recorded when it was written (a cut file, a token id changed in
+place) is reported, removed and tokenized again instead of being trained on. Prints are
 ``ftlab.cache.fingerprint`` of the JSON the helpers below make of rows and tokenizers.
 
 Storage is one safetensors file of int64 arrays: each list-valued field is flattened into one

@@ -27,6 +27,7 @@ reference answer, the prompt text, any other field) from ``train_records[index]`
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -36,11 +37,13 @@ from torch.utils.data import DataLoader, Dataset
 from ftlab.data.cache import cached_examples, rows_fingerprint, tokenizer_fingerprint
 from ftlab.data.chat_masking import IGNORE_INDEX, encode_prompt
 from ftlab.data.schema import DataConfig
-from ftlab.data.encode import PAIR_SIDES, encode_example, encode_pair, example_kind, label_names, pad_id_of
+from ftlab.data.encode import (CUT_CHARS_PER_TOKEN, CUT_MARGIN, PAIR_SIDES, cut_example, encode_example, encode_pair,
+                               example_kind, label_names, longest_text, pad_id_of)
 from ftlab.data.formats import pair_record
 from ftlab.data.loading import Splits, load_splits, split_records
 from ftlab.data.packing import PackedCollator, PackingStats, pack
 from ftlab.data.prepare import PrepReport, drop_by_length
+from ftlab.data.resumable import ResumableLoader
 from ftlab.errors import DataError
 
 __all__ = [
@@ -149,6 +152,40 @@ def _trained_tokens(example: dict[str, Any]) -> int:
     return 1 if not isinstance(labels, list) else sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
+_WHERE = re.compile(r"^(?P<file>.*) (?P<unit>line|row|item) (?P<n>\d+)(?: \(augmented: [^)]*\))?$")
+
+
+def _file_and_place(where: str) -> tuple[str, str]:
+    """``("data/train.jsonl", "line 7")`` from an example's ``_where`` (``"data/train.jsonl line 7"``)."""
+    match = _WHERE.match(where)
+    return (match["file"], f"{match['unit']} {match['n']}") if match else (where, where)
+
+
+def _truncation_warnings(rows: list[tuple[dict, int]], max_length: int, keep_tokens: int) -> list[str]:
+    """One line per file for the ``(example, token length)`` of rows longer than ``max_length``:
+    how many were truncated and the longest (by characters), with where it is."""
+    by_file: dict[str, list[tuple[dict, int]]] = {}
+    for example, length in rows:
+        by_file.setdefault(_file_and_place(str(example.get("_where", "data")))[0], []).append((example, length))
+    lines = []
+    for file, found in by_file.items():
+        example, length = max(found, key=lambda row: (longest_text(row[0]), row[1]))
+        chars = longest_text(example)
+        if chars > keep_tokens * CUT_CHARS_PER_TOKEN:  # cut before tokenizing: its full token count is unknown
+            size = f"a text of {chars:,} characters (only its start was tokenized)"
+        else:
+            size = f"{length:,} tokens (a text of {chars:,} characters)"
+        place = _file_and_place(str(example.get("_where", "data")))[1]
+        count = "1 row longer than data.max_length={} tokens is" if len(found) == 1 else \
+            f"{len(found)} rows longer than data.max_length={{}} tokens are"
+        lines.append(
+            f"{file}: {count.format(max_length)} truncated to the first {max_length} tokens (the rest is not trained"
+            f" on); the longest is {place}, with {size}. Raise data.max_length to train on more of it, or set"
+            " data.max_tokens to drop such rows"
+        )
+    return lines
+
+
 def _describe(examples: list[dict]) -> str:
     """What examples without a rejected side are, for the error of a pair request."""
     first = examples[0]
@@ -174,6 +211,7 @@ class FineTuneDataModule(pl.LightningDataModule):
         self.packing_stats: PackingStats | None = None
         self.cache_hits: dict[str, bool] = {}
         self.length_reports: list[PrepReport] = []
+        self.truncated_rows: list[tuple[dict, int]] = []  # (example, tokens) of rows cut to max_length
         self.pairs = False
         self.prompts = False
 
@@ -317,19 +355,28 @@ class FineTuneDataModule(pl.LightningDataModule):
         self.collator = collator(pad_id_of(tokenizer))
         self.train_dataset = self.val_dataset = None  # re-encode with the new tokenizer
 
+    @property
+    def keep_tokens(self) -> int:
+        """Tokens of an example that decide what is trained on: its truncation to ``max_length``
+        and its checks against ``min_tokens``/``max_tokens``. Text beyond them is cut before
+        tokenizing (``ftlab.data.encode.cut_example``)."""
+        return max(self.max_length, self.cfg.min_tokens, self.cfg.max_tokens or 0)
+
     def _encoded(self, examples: list[dict], split: str, label_ids: dict[str, int] | None) -> list[dict]:
+        keep = self.keep_tokens
+
         def build() -> list[dict]:
             out = []
             for index, ex in enumerate(examples):
                 if self.pairs:  # a pair's length is its longer side's
-                    enc = {**encode_pair(self.tokenizer, ex, UNTRUNCATED), "index": index}
+                    enc = {**encode_pair(self.tokenizer, ex, UNTRUNCATED, keep), "index": index}
                     length = max(len(enc[f"{side}_input_ids"]) for side in PAIR_SIDES)
                 elif self.prompts:  # the prompt alone: the method generates the answer
-                    ids = encode_prompt(self.tokenizer, ex["messages"])
+                    ids = encode_prompt(self.tokenizer, cut_example(self.tokenizer, ex, keep)["messages"])
                     enc = {"prompt_input_ids": ids, "index": index, "split": PROMPT_SPLITS.index(split)}
                     length = len(ids)
                 else:
-                    enc = encode_example(self.tokenizer, ex, UNTRUNCATED, label_ids)
+                    enc = encode_example(self.tokenizer, ex, UNTRUNCATED, label_ids, keep)
                     length = len(enc["input_ids"])
                 out.append({**enc, "length": length})
             return out
@@ -345,6 +392,8 @@ class FineTuneDataModule(pl.LightningDataModule):
             key["pairs"] = True
         if self.prompts:  # likewise for prompts
             key["prompts"] = True
+        if any(longest_text(ex) > keep * CUT_CHARS_PER_TOKEN for ex in examples):  # only then: other keys stay
+            key["cut"] = {"keep_tokens": keep, "chars_per_token": CUT_CHARS_PER_TOKEN, "margin": CUT_MARGIN}
         label = f"{self.cfg.name}-{split}" + ("-pairs" if self.pairs else "-prompts" if self.prompts else "")
         encoded, hit = cached_examples(self.cache_dir, key, build, label=label)
         self.cache_hits[split] = hit
@@ -352,18 +401,24 @@ class FineTuneDataModule(pl.LightningDataModule):
 
     def _encode(self, examples: list[dict], split: str, label_ids: dict[str, int] | None) -> EncodedDataset:
         """Encoded examples within the token-length limits, truncated to ``max_length``; examples
-        that truncation leaves with nothing to train on are dropped (and counted)."""
+        that truncation leaves with nothing to train on are dropped (and counted), the ones it
+        shortens are counted (``PrepReport.truncated``) and kept in ``truncated_rows``."""
         c = self.cfg
         encoded = self._encoded(examples, split, label_ids)
         report = PrepReport(source=f"{c.name} ({split}, tokens)", rows=len(encoded), kept=len(encoded))
-        within = drop_by_length(encoded, [ex["length"] for ex in encoded], c.min_tokens, c.max_tokens, report)
+        within = drop_by_length(list(range(len(encoded))), [ex["length"] for ex in encoded], c.min_tokens, c.max_tokens,
+                                report)
         if self.prompts:  # a cut prompt would lose its generation prompt: drop it instead
-            fitting = [ex for ex in within if ex["length"] <= self.max_length]
+            fitting = [i for i in within if encoded[i]["length"] <= self.max_length]
             if len(fitting) < len(within):
                 report.drop(f"prompt longer than max_length={self.max_length}", len(within) - len(fitting))
             within = fitting
-        truncated = [_truncate(ex, self.max_length) for ex in within]
+        truncated = [_truncate(encoded[i], self.max_length) for i in within]
+        kept_rows = [i for i, ex in zip(within, truncated) if _trained_tokens(ex) > 0]
         kept = [ex for ex in truncated if _trained_tokens(ex) > 0]
+        shortened = [i for i in kept_rows if encoded[i]["length"] > self.max_length]
+        report.truncated = len(shortened)
+        self.truncated_rows += [(examples[i], encoded[i]["length"]) for i in shortened]
         if len(kept) < len(truncated):
             sides = " in the chosen or the rejected side" if self.pairs else ""
             report.drop(f"no answer tokens left{sides} after truncation to max_length={self.max_length}",
@@ -387,9 +442,11 @@ class FineTuneDataModule(pl.LightningDataModule):
         if self.train_dataset is not None:
             return
         label_ids = {name: i for i, name in enumerate(self.labels)} if self.kind == "classification" else None
-        self.length_reports = []
+        self.length_reports, self.truncated_rows = [], []
         self.train_dataset = self._encode(self.train_records, "train", label_ids)
         self.val_dataset = self._encode(self.val_records, "validation", label_ids)
+        for line in _truncation_warnings(self.truncated_rows, self.max_length, self.keep_tokens):
+            log.warning("%s", line)
         lengths = [max(len(ex[f"{side}_input_ids"]) for side in PAIR_SIDES) if self.pairs
                    else len(ex["prompt_input_ids"]) if self.prompts else len(ex["input_ids"])
                    for ex in self.train_dataset.examples]
@@ -433,10 +490,16 @@ class FineTuneDataModule(pl.LightningDataModule):
         return out
 
     # -- loaders -----------------------------------------------------------------------------------
+    def resume_at(self, generator_state: torch.Tensor | None, batches: int) -> None:
+        """The next training loader continues an epoch: its generator at ``generator_state``, its
+        first ``batches`` batches left out (a checkpoint's data position, ``ftlab.checkpoints``)."""
+        self._resume = (generator_state, batches)
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled with a generator seeded by ``cfg.seed``: same seed, same batch order."""
+        """Shuffled with a generator seeded by ``cfg.seed``: same seed, same batch order; resumable
+        mid-epoch (``ResumableLoader``)."""
         assert self.train_dataset is not None, "call setup() first"
-        return DataLoader(
+        loader = ResumableLoader(
             self.train_dataset,
             batch_size=self.cfg.batch_size,
             shuffle=True,
@@ -445,6 +508,10 @@ class FineTuneDataModule(pl.LightningDataModule):
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
         )
+        resume, self._resume = getattr(self, "_resume", None), None
+        if resume is not None:
+            loader.resume_at(*resume)
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         """In order; an empty list (Lightning skips validation) when there is no validation data.

@@ -105,6 +105,7 @@ class PrepReport:
     expanded: int = 0  # examples those rows added beyond one each
     augmented: int = 0
     kept: int = 0
+    truncated: int = 0  # kept examples longer than data.max_length tokens, cut to it (tokens reports only)
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -124,6 +125,8 @@ class PrepReport:
             out.append(f"{self.source}: {self.ranked_rows} ranked {_rows(self.ranked_rows)} gave {pairs} preference pairs")
         if self.augmented:
             out.append(f"{self.source}: added {self.augmented} augmented {'copy' if self.augmented == 1 else 'copies'}")
+        if self.truncated:
+            out.append(f"{self.source}: truncated {self.truncated} {_rows(self.truncated)} to data.max_length")
         return out
 
 

@@ -15,11 +15,16 @@ runs always export a model folder: their weights are the model. Prompt-learning 
 nothing to merge and are refused with the method's reason.
 
 Everything is written into a temporary sibling of ``--out`` and moved into place at the end, so
-a crash never leaves a half export that looks whole.
+a crash never leaves a half export that looks whole. That folder is made before the model is
+loaded, so an ``--out`` that cannot be written (permission denied, a read-only file system, a
+file where a folder should be) is refused at once, and it is removed on every failure: a write
+that fails part-way (no space left) ends in one ``ExportError`` naming the place and why, with
+nothing left behind.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -181,14 +186,73 @@ def export_command(run_dir: Path, out: Path, merge: bool, dtype: str | None) -> 
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Swap the finished export in; an old export (--force) is moved aside first, then removed."""
+    """Swap the finished export in; an old export (--force) is moved aside first, then removed,
+    and put back if the new one cannot take its place."""
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
+        try:
+            os.replace(out, old / out.name)
+        except BaseException:
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / out.name, out)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_WHY = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+        errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "the disk quota is exceeded"}
+# Writers in Rust (safetensors, tokenizers) report the OS error in their message only.
+_WHY_IN_TEXT = {errno.ENOSPC: ("No space left on device", "os error 28"),
+                errno.EDQUOT: ("Disk quota exceeded", "os error 122"),
+                errno.EACCES: ("Permission denied", "os error 13"),
+                errno.EROFS: ("Read-only file system", "os error 30")}
+
+
+def _file_in_the_way(out: Path) -> Path | None:
+    """The first part of ``out``'s path that exists and is not a folder (``--out file.txt/x``)."""
+    return next((p for p in [*reversed(out.parents), out] if p.exists() and not p.is_dir()), None)
+
+
+def _nearest_folder(out: Path) -> Path:
+    """``out``'s parent, or the nearest ancestor of it that exists: where the write was refused."""
+    return next((p for p in [out.parent, *out.parent.parents] if p.is_dir()), out.parent)
+
+
+def _cannot_write(exc: BaseException, out: Path) -> ExportError | None:
+    """The one-line error for ``exc`` when it means the export could not be written to ``out``
+    (permission, space, a file in the way); None for anything else, which keeps its traceback."""
+    code = exc.errno if isinstance(exc, OSError) else next(
+        (c for c, needles in _WHY_IN_TEXT.items() if any(n in str(exc) for n in needles)), None)
+    if isinstance(exc, OSError) and code in (errno.ENOTDIR, errno.EEXIST) and (blocker := _file_in_the_way(out)):
+        return ExportError(f"cannot write the export to {out}: {blocker} is a file, not a folder; choose another --out")
+    if code not in _WHY:
+        return None
+    filename = getattr(exc, "filename", None)
+    folder = _nearest_folder(out)
+    if filename and folder.resolve() not in [Path(filename).resolve(), *Path(filename).resolve().parents]:
+        return None  # failed on something outside the export (e.g. reading the base model)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return ExportError(f"cannot write the export to {out}: {_WHY[code]} holding {folder}; the partial export was"
+                           " removed (free space there, or choose another --out)")
+    return ExportError(f"cannot write the export to {out}: {_WHY[code]} in {folder} (choose an --out you can write to)")
+
+
+def _make_temp(out: Path) -> Path:
+    """The temporary sibling of ``out`` the export is written into (its parents created)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise (_cannot_write(exc, out) or exc) from exc
 
 
 def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, dtype: str | None = None,
@@ -204,7 +268,10 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, dtype:
         from ftlab.deploy.gguf import check_gguf
 
         check_gguf()
-    _check_out(out, run_dir, force)
+    try:
+        _check_out(out, run_dir, force)
+    except OSError as exc:  # an --out that cannot even be looked at
+        raise (_cannot_write(exc, out) or exc) from exc
     finished = open_run(run_dir)
     cfg = finished.cfg
     name = str(cfg.method.name)
@@ -218,11 +285,12 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, dtype:
     if gguf and fmt == "peft-adapter":
         raise ExportError("--gguf writes full model weights for llama.cpp: add --merge (an adapter alone has no GGUF form here)")
     base_model = base_model_path(finished)
-    loaded = finished.load()
-    merged = merge and method.artifact != "model"  # full/freeze: the weights already are the model
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _make_temp(out)  # before loading: a place that cannot be written is refused at once
+    writing = False  # what fails before this is no failure to write the export
     try:
+        loaded = finished.load()
+        merged = merge and method.artifact != "model"  # full/freeze: the weights already are the model
+        writing = True
         facts, notes = _write_weights(loaded, tmp, fmt, merged, dtype, base_model)
         if merge and not merged:
             notes.append(f"method {name} trains the base weights themselves: --merge had nothing to fold in")
@@ -235,8 +303,11 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, dtype:
             notes.append(f"wrote {facts['gguf']} (llama.cpp) beside the safetensors weights")
         _write_card(tmp, facts)
         _move_into_place(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        error = _cannot_write(exc, out) if writing and isinstance(exc, Exception) else None
+        if error is not None:
+            raise error from exc
         raise
     log.info("exported %s of run %s to %s", fmt, run_dir, out)
     return ExportResult(out, fmt, merged, bool(facts["dequantized"]), facts["dtype"], base_model, notes)

@@ -19,19 +19,21 @@ from ftlab.methods.peft_base import PeftMethod, module_names
 @dataclass
 class AdaLoraConfig(MethodConfig):
     lr: float = field(default=5e-4, metadata={"help": "learning rate (the optimizer's lr follows it)"})
-    init_r: int = field(default=12, metadata={"help": "rank every layer starts with"})
-    target_r: int = field(default=8, metadata={"help": "average rank per layer once the budget has shrunk"})
-    alpha: int = field(default=32, metadata={"help": "scaling numerator of the update"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter input"})
+    init_r: int = field(default=12, metadata={"help": "rank every layer starts with", "min": 1})
+    target_r: int = field(default=8, metadata={"help": "average rank per layer once the budget has shrunk", "min": 1})
+    alpha: int = field(default=32, metadata={"help": "scaling numerator of the update", "gt": 0})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter input", "min": 0, "lt": 1})
     target_modules: Any = field(default="all-linear", metadata={"help": "'all-linear' or a list of module names"})
     total_step: int = field(
         default="${trainer.max_steps}",  # type: ignore[assignment]  # resolved by OmegaConf
         metadata={"help": "steps of the run, which the budget schedule spans (follows trainer.max_steps)"},
     )
-    init_ratio: float = field(default=0.1, metadata={"help": "share of the steps trained at init_r before ranks shrink"})
-    final_ratio: float = field(default=0.3, metadata={"help": "share of the last steps trained at the final ranks"})
-    delta_t: int = field(default=1, metadata={"help": "steps between two budget re-allocations"})
-    orth_reg_weight: float = field(default=0.5, metadata={"help": "weight of the orthogonality regulariser in the loss"})
+    init_ratio: float = field(default=0.1, metadata={"help": "share of the steps trained at init_r before ranks shrink",
+                                                                "min": 0, "max": 1})
+    final_ratio: float = field(default=0.3, metadata={"help": "share of the last steps trained at the final ranks",
+                                                                 "min": 0, "max": 1})
+    delta_t: int = field(default=1, metadata={"help": "steps between two budget re-allocations", "min": 1})
+    orth_reg_weight: float = field(default=0.5, metadata={"help": "weight of the orthogonality regulariser in the loss", "min": 0})
 
 
 class AdaLora(PeftMethod):

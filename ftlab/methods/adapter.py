@@ -38,11 +38,14 @@ CONFIG_FILE = "adapter_config.json"
 class AdapterConfig(MethodConfig):
     lr: float = field(default=1e-3, metadata={"help": "learning rate (the optimizer's lr follows it)"})
     reduction_factor: int = field(
-        default=16, metadata={"help": "bottleneck size = hidden size / reduction_factor (Houlsby/AdapterHub convention)"}
+        default=16, metadata={"help": "bottleneck size = hidden size / reduction_factor (Houlsby/AdapterHub convention)",
+                             "min": 1}
     )
-    activation: str = field(default="gelu", metadata={"help": "non-linearity in the bottleneck: " + ", ".join(ACTIVATIONS)})
-    dropout: float = field(default=0.0, metadata={"help": "dropout inside the bottleneck"})
-    where: str = field(default="both", metadata={"help": "after which sublayers: attention, mlp or both (Houlsby: both)"})
+    activation: str = field(default="gelu", metadata={"help": "non-linearity in the bottleneck: " + ", ".join(ACTIVATIONS),
+                                                          "choices": list(ACTIVATIONS)})
+    dropout: float = field(default=0.0, metadata={"help": "dropout inside the bottleneck", "min": 0, "lt": 1})
+    where: str = field(default="both", metadata={"help": "after which sublayers: attention, mlp or both (Houlsby: both)",
+                                                      "choices": list(PLACES)})
 
 
 class Bottleneck(nn.Module):

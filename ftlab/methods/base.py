@@ -59,10 +59,17 @@ class MethodConfig:
     ``name`` is filled in by the registry with the entry-point name, so a composed config always
     says which method it selected. ``lr`` lives here because good learning rates differ by
     method (full fine-tuning wants ~10x less than LoRA), so a sweep over methods stays fair.
+
+    A field's type is checked before anything loads; a field may also declare its valid values
+    in its ``metadata`` beside ``help`` (``ftlab.schema``): ``min``/``max`` (inclusive), ``gt``/
+    ``lt`` (exclusive), ``choices``, ``also`` (values valid outside the range, with their
+    meaning: ``{-1: "no limit"}``) and ``check`` (a function of the value), e.g.
+    ``r: int = field(default=16, metadata={"help": "rank", "min": 1})``. A subclass that declares
+    a field again keeps the range declared here unless it declares its own.
     """
 
     name: str = "???"
-    lr: float = field(default=2e-4, metadata={"help": "learning rate (the optimizer's lr follows it)"})
+    lr: float = field(default=2e-4, metadata={"help": "learning rate (the optimizer's lr follows it)", "gt": 0})
 
 
 def config_fields(config_cls: type[MethodConfig]) -> list[dataclasses.Field]:
@@ -136,6 +143,13 @@ class BaseMethod:
         head: ``"lm"`` (the base as loaded) or ``"reward"``: the base is loaded as a sequence
             classifier with one output (a scalar reward head, newly initialised) in place of its
             LM head, for training and whenever the run is loaded again (eval, export).
+        loss_kind: what ``loss`` returns, for the divergence guard (``ftlab.guards``):
+            ``"cross_entropy"`` (the mean token cross-entropy, or the label cross-entropy for
+            ``task=classification``: a uniform output scores ln of the head's size, and a loss stuck
+            there stops the run), ``"positive"`` (never below 0, no such value: preference and reward
+            losses) or ``"any"`` (can be 0 or negative: RL surrogates; only non-finite values and weight
+            growth are checked). Empty: ``"cross_entropy"`` for batch_kind ``"sft"`` with head ``"lm"``,
+            ``"any"`` for ``"prompt"``, ``"positive"`` otherwise; set it when ``loss`` is something else.
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -150,6 +164,7 @@ class BaseMethod:
     metrics: ClassVar[tuple[str, ...]] = ()
     batch_kind: ClassVar[str] = "sft"
     head: ClassVar[str] = "lm"
+    loss_kind: ClassVar[str] = ""  # "" = from batch_kind and head (see above)
     # set by the training module (``FineTuneModule``) while it trains with this method; None
     # elsewhere, where ``log`` checks its arguments and drops the value
     _log_sink: Optional[Callable[[str, float], None]] = None

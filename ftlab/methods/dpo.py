@@ -20,10 +20,12 @@ __all__ = ["Dpo", "DpoConfig"]
 class DpoConfig(ReferenceConfig):
     loss: str = field(
         default="sigmoid",
-        metadata={"help": "sigmoid (DPO) | ipo (per-token averaged log-probs) | hinge (SLiC) | robust (rDPO)"},
+        metadata={"help": "sigmoid (DPO) | ipo (per-token averaged log-probs) | hinge (SLiC) | robust (rDPO)",
+                  "choices": list(DPO_LOSS_TYPES)},
     )
     label_smoothing: float = field(
-        default=0.0, metadata={"help": "probability that a preference label is flipped, in [0, 0.5) (sigmoid, robust)"}
+        default=0.0, metadata={"help": "probability that a preference label is flipped, in [0, 0.5) (sigmoid, robust)",
+                              "min": 0, "lt": 0.5}
     )
 
 

@@ -22,7 +22,8 @@ FINAL_NORM = "final_norm"  # the entry of ``modules`` that names the final norm,
 @dataclass
 class FreezeConfig(MethodConfig):
     lr: float = field(default=1e-4, metadata={"help": "learning rate (the optimizer's lr follows it)"})
-    last_n_blocks: int = field(default=2, metadata={"help": "how many of the last transformer blocks train (0 = none)"})
+    last_n_blocks: int = field(default=2, metadata={"help": "how many of the last transformer blocks train (0 = none)",
+                                                                "min": 0})
     modules: list[str] = field(
         default_factory=lambda: [FINAL_NORM],
         metadata={"help": f"modules that also train: '{FINAL_NORM}' (the norm after the last block, found from the "

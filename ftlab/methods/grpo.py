@@ -66,16 +66,19 @@ ADVANTAGE_EPS = 1e-4  # TRL's: keeps a group whose rewards barely differ from bl
 
 @dataclass
 class GrpoConfig(RlConfig):
-    epsilon: float = field(default=0.2, metadata={"help": "clip range of the probability ratio (lower side)"})
+    num_generations: int = field(default=4, metadata={"help": "completions sampled per prompt (a group); rollouts "
+                                                              "per step = data.batch_size * num_generations",
+                                                              "min": 2})  # advantages compare a group's completions
+    epsilon: float = field(default=0.2, metadata={"help": "clip range of the probability ratio (lower side)", "gt": 0})
     epsilon_high: Optional[float] = field(
-        default=None, metadata={"help": "upper clip range (null: epsilon; DAPO uses 0.28)"}
+        default=None, metadata={"help": "upper clip range (null: epsilon; DAPO uses 0.28)", "gt": 0}
     )
     scale_rewards: bool = field(
         default=True, metadata={"help": "divide each group's advantages by its reward std (false: Dr. GRPO)"}
     )
     loss_type: str = field(
         default="dapo", metadata={"help": "dapo (mean over the batch's tokens, TRL's default) | grpo (per-sequence "
-                                          "means) | dr_grpo (sum / (rows * max_new_tokens))"}
+                                          "means) | dr_grpo (sum / (rows * max_new_tokens))", "choices": list(LOSS_TYPES)}
     )
     kl_bias_correction: bool = field(
         default=True, metadata={"help": "multiply the KL term by the probability ratio (DeepSeek-V3.2; TRL's "

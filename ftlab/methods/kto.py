@@ -28,9 +28,10 @@ __all__ = ["Kto", "KtoConfig"]
 
 @dataclass
 class KtoConfig(ReferenceConfig):
-    desirable_weight: float = field(default=1.0, metadata={"help": "weight of the desirable (chosen) examples' losses"})
+    desirable_weight: float = field(default=1.0, metadata={"help": "weight of the desirable (chosen) examples' losses",
+                                                                     "gt": 0})
     undesirable_weight: float = field(
-        default=1.0, metadata={"help": "weight of the undesirable (rejected) examples' losses"}
+        default=1.0, metadata={"help": "weight of the undesirable (rejected) examples' losses", "gt": 0}
     )
 
 

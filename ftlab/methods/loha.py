@@ -16,10 +16,10 @@ from ftlab.methods.peft_base import PeftMethod, module_names
 @dataclass
 class LoHaConfig(MethodConfig):
     lr: float = field(default=5e-4, metadata={"help": "learning rate (the optimizer's lr follows it)"})
-    r: int = field(default=8, metadata={"help": "rank of each of the two low-rank factors"})
-    alpha: int = field(default=8, metadata={"help": "scaling numerator: the update is scaled by alpha/r"})
-    rank_dropout: float = field(default=0.0, metadata={"help": "dropout over the rank dimension"})
-    module_dropout: float = field(default=0.0, metadata={"help": "probability of skipping the whole update"})
+    r: int = field(default=8, metadata={"help": "rank of each of the two low-rank factors", "min": 1})
+    alpha: int = field(default=8, metadata={"help": "scaling numerator: the update is scaled by alpha/r", "gt": 0})
+    rank_dropout: float = field(default=0.0, metadata={"help": "dropout over the rank dimension", "min": 0, "lt": 1})
+    module_dropout: float = field(default=0.0, metadata={"help": "probability of skipping the whole update", "min": 0, "lt": 1})
     target_modules: Any = field(default="all-linear", metadata={"help": "'all-linear' or a list of module names"})
 
 

@@ -15,12 +15,13 @@ from ftlab.methods.peft_base import PeftMethod, module_names
 @dataclass
 class LoKrConfig(MethodConfig):
     lr: float = field(default=5e-4, metadata={"help": "learning rate (the optimizer's lr follows it)"})
-    r: int = field(default=8, metadata={"help": "rank of the low-rank Kronecker factor"})
-    alpha: int = field(default=8, metadata={"help": "scaling numerator: the update is scaled by alpha/r"})
+    r: int = field(default=8, metadata={"help": "rank of the low-rank Kronecker factor", "min": 1})
+    alpha: int = field(default=8, metadata={"help": "scaling numerator: the update is scaled by alpha/r", "gt": 0})
     decompose_both: bool = field(default=False, metadata={"help": "also factor the small Kronecker matrix"})
-    decompose_factor: int = field(default=-1, metadata={"help": "size of the small factor; -1 = as square as possible"})
-    rank_dropout: float = field(default=0.0, metadata={"help": "dropout over the rank dimension"})
-    module_dropout: float = field(default=0.0, metadata={"help": "probability of skipping the whole update"})
+    decompose_factor: int = field(default=-1, metadata={"help": "size of the small factor; -1 = as square as possible",
+                                                                    "min": 1, "also": {-1: "as square as possible"}})
+    rank_dropout: float = field(default=0.0, metadata={"help": "dropout over the rank dimension", "min": 0, "lt": 1})
+    module_dropout: float = field(default=0.0, metadata={"help": "probability of skipping the whole update", "min": 0, "lt": 1})
     target_modules: Any = field(default="all-linear", metadata={"help": "'all-linear' or a list of module names"})
 
 

@@ -19,20 +19,22 @@ LORA_B = re.compile(r"\.lora_(embedding_)?B\.")  # PEFT's names: ...q_proj.lora_
 
 @dataclass
 class LoraConfig(MethodConfig):
-    r: int = field(default=16, metadata={"help": "rank of the low-rank update"})
-    alpha: int = field(default=32, metadata={"help": "scaling numerator: the update is scaled by alpha/r"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter input"})
+    r: int = field(default=16, metadata={"help": "rank of the low-rank update", "min": 1})
+    alpha: int = field(default=32, metadata={"help": "scaling numerator: the update is scaled by alpha/r", "gt": 0})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter input", "min": 0, "lt": 1})
     target_modules: Any = field(
         default="all-linear", metadata={"help": "'all-linear', or a list of module names (e.g. [q_proj, v_proj])"}
     )
     rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r)"})
     dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
-    bias: str = field(default="none", metadata={"help": "which biases train: none, all, lora_only"})
+    bias: str = field(default="none", metadata={"help": "which biases train: none, all, lora_only",
+                                                  "choices": ["none", "all", "lora_only"]})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "extra modules trained in full and saved with the adapter"}
     )
     plus_ratio: float = field(
-        default=1.0, metadata={"help": "LoRA+: B matrices train at lr * plus_ratio (the paper suggests 16; 1 = plain LoRA)"}
+        default=1.0, metadata={"help": "LoRA+: B matrices train at lr * plus_ratio (the paper suggests 16; 1 = plain LoRA)",
+                              "gt": 0}
     )
 
 

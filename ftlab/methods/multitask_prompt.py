@@ -16,9 +16,9 @@ from ftlab.methods.prompt_learning import PromptLearningConfig, PromptLearningMe
 
 @dataclass
 class MultitaskPromptConfig(PromptLearningConfig):
-    num_tasks: int = field(default=1, metadata={"help": "how many tasks have their own prompt scaling"})
-    num_ranks: int = field(default=1, metadata={"help": "rank of each task's prompt scaling"})
-    task_id: int = field(default=0, metadata={"help": "the task the training data belongs to"})
+    num_tasks: int = field(default=1, metadata={"help": "how many tasks have their own prompt scaling", "min": 1})
+    num_ranks: int = field(default=1, metadata={"help": "rank of each task's prompt scaling", "min": 1})
+    task_id: int = field(default=0, metadata={"help": "the task the training data belongs to", "min": 0})
 
 
 class MultitaskPrompt(PromptLearningMethod):

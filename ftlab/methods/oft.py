@@ -16,11 +16,12 @@ from ftlab.methods.peft_base import PeftMethod, module_names
 @dataclass
 class OftConfig(MethodConfig):
     lr: float = field(default=5e-4, metadata={"help": "learning rate (the optimizer's lr follows it)"})
-    block_size: int = field(default=32, metadata={"help": "size of each orthogonal block (must divide the layer's input size)"})
+    block_size: int = field(default=32, metadata={"help": "size of each orthogonal block (must divide the layer's input size)",
+                                                               "min": 1})
     coft: bool = field(default=False, metadata={"help": "constrained OFT: keep the rotation within eps of identity"})
-    eps: float = field(default=6e-5, metadata={"help": "the COFT constraint (coft=true)"})
+    eps: float = field(default=6e-5, metadata={"help": "the COFT constraint (coft=true)", "gt": 0})
     block_share: bool = field(default=False, metadata={"help": "share one block across each layer"})
-    module_dropout: float = field(default=0.0, metadata={"help": "probability of skipping a block's rotation"})
+    module_dropout: float = field(default=0.0, metadata={"help": "probability of skipping a block's rotation", "min": 0, "lt": 1})
     target_modules: Any = field(default="all-linear", metadata={"help": "'all-linear' or a list of module names"})
 
 

@@ -17,7 +17,7 @@ __all__ = ["Orpo", "OrpoConfig"]
 
 @dataclass
 class OrpoConfig(PreferenceConfig):
-    beta: float = field(default=0.1, metadata={"help": "weight of the odds-ratio term (the paper's lambda)"})
+    beta: float = field(default=0.1, metadata={"help": "weight of the odds-ratio term (the paper's lambda)", "gt": 0})
 
 
 class Orpo(PreferenceMethod):

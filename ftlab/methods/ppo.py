@@ -68,22 +68,24 @@ WHITEN_EPS = 1e-8  # TRL's
 @dataclass
 class PpoConfig(RlConfig):
     num_generations: int = field(default=1, metadata={"help": "completions sampled per prompt; rollouts per "
-                                                              "step = data.batch_size * num_generations"})
+                                                              "step = data.batch_size * num_generations",
+                                                              "min": 1})
     reward_model: Optional[str] = field(
         default=None, metadata={"help": "a method=reward run folder (or its adapter/model folder, or an ftlab export "
                                         "of it) whose score is the reward; null: the function method.reward names"}
     )
     beta: float = field(default=0.05, metadata={"help": "KL penalty coefficient in the per-token reward (TRL's "
-                                                        "kl_coef)"})
-    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
+                                                        "kl_coef)", "min": 0})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch", "min": 1})
     num_mini_batches: int = field(default=1, metadata={"help": "minibatches per pass; optimizer steps per rollout "
-                                                               "= ppo_epochs * num_mini_batches"})
-    cliprange: float = field(default=0.2, metadata={"help": "clip range of the policy's probability ratio"})
+                                                               "= ppo_epochs * num_mini_batches", "min": 1})
+    cliprange: float = field(default=0.2, metadata={"help": "clip range of the policy's probability ratio", "gt": 0})
     cliprange_value: float = field(default=0.2, metadata={"help": "clip range of the value prediction around the "
-                                                                  "rollout's value"})
-    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
-    gamma: float = field(default=1.0, metadata={"help": "discount factor of GAE"})
-    lam: float = field(default=0.95, metadata={"help": "lambda of GAE (1: Monte-Carlo returns, 0: one-step TD)"})
+                                                                  "rollout's value", "gt": 0})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss", "min": 0})
+    gamma: float = field(default=1.0, metadata={"help": "discount factor of GAE", "min": 0, "max": 1})
+    lam: float = field(default=0.95, metadata={"help": "lambda of GAE (1: Monte-Carlo returns, 0: one-step TD)", "min": 0,
+                                                       "max": 1})
     whiten_rewards: bool = field(default=False, metadata={"help": "scale the per-token rewards of a rollout to unit "
                                                                   "variance before GAE"})
     missing_eos_penalty: Optional[float] = field(

@@ -66,17 +66,19 @@ class PairConfig(LoraConfig):
     lr: float = field(default=1e-4, metadata={"help": "learning rate (about 10x less with adapter=none)"})
     dropout: float = field(
         default=0.0,
-        metadata={"help": "dropout on the LoRA input (0: the policy then matches its reference exactly at the start)"},
+        metadata={"help": "dropout on the LoRA input (0: the policy then matches its reference exactly at the start)",
+                  "min": 0, "lt": 1},
     )
     adapter: str = field(
         default="lora",
-        metadata={"help": "lora: train LoRA adapters on a frozen (optionally quantized) base; none: train every weight"},
+        metadata={"help": "lora: train LoRA adapters on a frozen (optionally quantized) base; none: train every weight",
+                  "choices": list(ADAPTERS)},
     )
 
 
 @dataclass
 class PreferenceConfig(PairConfig):
-    beta: float = field(default=0.1, metadata={"help": "strength of the preference term (the method's beta)"})
+    beta: float = field(default=0.1, metadata={"help": "strength of the preference term (the method's beta)", "gt": 0})
 
 
 @dataclass

@@ -16,7 +16,7 @@ class PrefixConfig(PromptLearningConfig):
     projection: bool = field(
         default=False, metadata={"help": "reparameterise the prefixes through a 2-layer MLP (the paper's trick for stability)"}
     )
-    encoder_hidden_size: int = field(default=512, metadata={"help": "hidden size of that MLP (projection=true)"})
+    encoder_hidden_size: int = field(default=512, metadata={"help": "hidden size of that MLP (projection=true)", "min": 1})
 
 
 class Prefix(PromptLearningMethod):

@@ -15,7 +15,8 @@ INITS = ("text", "random")
 
 @dataclass
 class PromptConfig(PromptLearningConfig):
-    init: str = field(default="text", metadata={"help": "text: start from the embeddings of init_text; random"})
+    init: str = field(default="text", metadata={"help": "text: start from the embeddings of init_text; random",
+                                                     "choices": list(INITS)})
     init_text: str = field(
         default="Answer the question correctly and concisely.",
         metadata={"help": "the text whose token embeddings start the prompt (init=text); repeated to fill it"},

@@ -16,7 +16,7 @@ from ftlab.methods.peft_base import PeftMethod
 @dataclass
 class PromptLearningConfig(MethodConfig):
     lr: float = field(default=3e-2, metadata={"help": "learning rate (prompt methods want 1e-2..3e-1)"})
-    num_virtual_tokens: int = field(default=20, metadata={"help": "how many virtual tokens are learnt"})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "how many virtual tokens are learnt", "min": 1})
 
 
 class PromptLearningMethod(PeftMethod):

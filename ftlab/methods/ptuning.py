@@ -16,8 +16,8 @@ ENCODERS = {"mlp": peft.PromptEncoderReparameterizationType.MLP, "lstm": peft.Pr
 @dataclass
 class PTuningConfig(PromptLearningConfig):
     lr: float = field(default=1e-2, metadata={"help": "learning rate (the optimizer's lr follows it)"})
-    encoder: str = field(default="mlp", metadata={"help": "the prompt encoder: mlp or lstm"})
-    encoder_hidden_size: int = field(default=128, metadata={"help": "hidden size of the prompt encoder"})
+    encoder: str = field(default="mlp", metadata={"help": "the prompt encoder: mlp or lstm", "choices": list(ENCODERS)})
+    encoder_hidden_size: int = field(default=128, metadata={"help": "hidden size of the prompt encoder", "min": 1})
 
 
 class PTuning(PromptLearningMethod):

@@ -82,18 +82,20 @@ LOGPS_CHUNK = 8  # rows whose log-softmax is taken at once: bounds the float32 c
 class RlConfig(LoraConfig):
     lr: float = field(default=5e-5, metadata={"help": "learning rate of the LoRA adapters (not measured yet)"})
     dropout: float = field(
-        default=0.0, metadata={"help": "dropout on the LoRA input (0: the log-probs training sees are those sampled)"}
+        default=0.0, metadata={"help": "dropout on the LoRA input (0: the log-probs training sees are those sampled)",
+                              "min": 0, "lt": 1}
     )
     reward: str = field(default="exact", metadata={"help": "reward function: a plugin of the ftlab.rewards group "
                                                            "(exact | normalized | number | json built in)"})
     num_generations: int = field(default=4, metadata={"help": "completions sampled per prompt (a group); rollouts "
-                                                              "per step = data.batch_size * num_generations"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
+                                                              "per step = data.batch_size * num_generations",
+                                                              "min": 1})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)", "gt": 0})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the smallest set of tokens with this "
-                                                        "much probability (1 = off)"})
-    max_new_tokens: int = field(default=32, metadata={"help": "longest completion, in tokens"})
+                                                        "much probability (1 = off)", "gt": 0, "max": 1})
+    max_new_tokens: int = field(default=32, metadata={"help": "longest completion, in tokens", "min": 1})
     beta: float = field(default=0.0, metadata={"help": "KL coefficient (TRL's default 0: no KL term in the loss; "
-                                                       "DeepSeek-R1 used 0.001, DeepSeekMath 0.04)"})
+                                                       "DeepSeek-R1 used 0.001, DeepSeekMath 0.04)", "min": 0})
     log_kl: bool = field(default=True, metadata={"help": "compute the KL to the reference for the 'kl' metric even "
                                                          "when beta=0 (one no-grad forward more per step)"})
     mask_truncated_completions: bool = field(

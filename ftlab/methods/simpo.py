@@ -17,11 +17,14 @@ __all__ = ["Simpo", "SimpoConfig"]
 
 @dataclass
 class SimpoConfig(PreferenceConfig):
-    beta: float = field(default=2.0, metadata={"help": "scale of the averaged log-prob difference (the paper: 2 to 10)"})
+    beta: float = field(default=2.0, metadata={"help": "scale of the averaged log-prob difference (the paper: 2 to 10)",
+                                                       "gt": 0})
     gamma_beta_ratio: float = field(
-        default=0.5, metadata={"help": "target margin over beta: gamma = gamma_beta_ratio * beta (the paper: 0.3 to 1.6)"}
+        default=0.5, metadata={"help": "target margin over beta: gamma = gamma_beta_ratio * beta (the paper: 0.3 to 1.6)",
+                              "min": 0}
     )
-    label_smoothing: float = field(default=0.0, metadata={"help": "probability that a preference label is flipped, in [0, 0.5)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "probability that a preference label is flipped, in [0, 0.5)",
+                                                                     "min": 0, "lt": 0.5})
 
 
 class Simpo(PreferenceMethod):

@@ -18,13 +18,22 @@ def methods_table(registry: Registry) -> Table:
     table.add_column("fields (default): help", ratio=2)
     for name, info in sorted(registry.methods.items()):
         fields = escape("\n".join(
-            f"{f.name} ({field_default(f)!r})" + (f": {field_help(f)}" if field_help(f) else "")
+            f"{f.name} ({field_default(f)!r}{_declared(info.cls.Config, f.name)})"
+            + (f": {field_help(f)}" if field_help(f) else "")
             for f in config_fields(info.cls.Config)
         ))
         package = f"{info.package} {info.version}".strip()
         summary = (info.cls.__doc__ or "").strip().splitlines()[:1]
         table.add_row(name + ("\n[dim]" + escape(summary[0]) + "[/dim]" if summary else ""), package, ", ".join(q for q in info.cls.quantizations if q != "none") or "-", fields)
     return table
+
+
+def _declared(config: type, name: str) -> str:
+    """``; an integer >= 1`` for a field that declares a range or choices (ftlab.schema), else ''."""
+    from ftlab.schema import spec_of
+
+    spec = spec_of(config, name)
+    return f"; {spec.expected()}" if spec.ranged or spec.choices is not None or spec.also else ""
 
 
 def presets_table(registry: Registry) -> Table:

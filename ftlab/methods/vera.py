@@ -16,8 +16,9 @@ from ftlab.methods.peft_base import PeftMethod, module_names
 @dataclass
 class VeraConfig(MethodConfig):
     lr: float = field(default=4e-3, metadata={"help": "learning rate (VeRA's vectors want ~10x LoRA's)"})
-    r: int = field(default=256, metadata={"help": "rank of the shared random matrices (costs no trainable parameters)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    r: int = field(default=256, metadata={"help": "rank of the shared random matrices (costs no trainable parameters)",
+                                                         "min": 1})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input", "min": 0, "lt": 1})
     d_initial: float = field(default=0.1, metadata={"help": "initial value of the scaling vector d"})
     target_modules: Any = field(default="all-linear", metadata={"help": "'all-linear' or a list of module names"})
     seed: int = field(default=0, metadata={"help": "seed of the shared random matrices (saved with the adapter)"})

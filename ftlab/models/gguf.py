@@ -3,8 +3,9 @@
 (The opposite direction, exporting a fine-tuned model *to* GGUF, is ``ftlab.deploy.gguf``.)
 
 Why: bitsandbytes quantizes at ``from_pretrained`` time from float weights, so a GGUF checkpoint
-is dequantized once into ``cache_dir`` (``ftlab.cache.build_once``) and from then on loads, and
-quantizes, like any other folder. Two sources:
+is dequantized once into ``cache_dir`` (``ftlab.cache.build_once``, which checks the folder
+against the size and sha256 of each file on every load, and converts again, with a warning, when
+one does not match) and from then on loads, and quantizes, like any other folder. Two sources:
 
 * ``model.gguf_file`` in ``model.name_or_path`` (a folder or a hub id) -- converted to
   ``cache_dir/gguf-<file stem>-<key>``;

@@ -10,6 +10,10 @@ Every model reaches ``from_pretrained`` from a plain HF safetensors folder, so q
   (``ftlab.models.gguf``);
 * ``kind: pretrained`` with an HF id or folder -- loaded directly.
 
+A local folder is checked first (``ftlab.models.files``: config.json parses, safetensors headers and
+sizes, index shards), so a broken download fails in one line naming the file, not deep in
+``from_pretrained``; ``ftlab.config.validate`` runs the same check before anything loads.
+
 Cache folders are built with ``ftlab.cache.build_once``: in a temporary sibling moved into place
 under a file lock, so DDP ranks and parallel sweep jobs never build twice or read a half-written
 folder.
@@ -29,6 +33,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ftlab.errors import ModelLoadError
+from ftlab.models.files import check_model_config
 from ftlab.models.gguf import gguf_checkpoint
 from ftlab.models.quant import bnb_config, cfg_get, keep_standard_4bit_layout, native_bf16, to_dtype
 from ftlab.models.tiny import tiny_checkpoint
@@ -70,6 +75,7 @@ def checkpoint_path(model_cfg: Any, cache_dir: str | Path) -> str | Path:
         return tiny_checkpoint(model_cfg, cache_dir)
     if kind != "pretrained":
         raise ModelLoadError(f"unknown model.kind '{kind}'; expected 'tiny' or 'pretrained'")
+    check_model_config(model_cfg)  # a local folder that cannot load: one line naming the file (headers only)
     if cfg_get(model_cfg, "name_or_path") is None or cfg_get(model_cfg, "gguf_file") is not None:
         return gguf_checkpoint(model_cfg, cache_dir)
     return str(cfg_get(model_cfg, "name_or_path"))

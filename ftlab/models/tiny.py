@@ -2,8 +2,9 @@
 
 Why: tests, the method contract and quick runs need a real Llama (tied embeddings, GQA, the
 layers every method targets) that trains in milliseconds and never touches the hub. Its seeded
-random weights are written once to ``cache_dir/tiny-<key>`` (``ftlab.cache.build_once``) and
-then loaded, and quantized, through ``from_pretrained`` like any real checkpoint.
+random weights are written once to ``cache_dir/tiny-<key>`` (``ftlab.cache.build_once``, which
+checks the folder against the hashes written with it on every load and rebuilds a damaged one)
+and then loaded, and quantized, through ``from_pretrained`` like any real checkpoint.
 """
 
 from __future__ import annotations

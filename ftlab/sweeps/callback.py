@@ -1,22 +1,37 @@
-"""Hydra callback: when a sweep ends, compare its jobs in the sweep folder."""
+"""Hydra callback: a sweep holds its folder's lock while it runs, and compares its jobs when it ends."""
 
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ftlab.errors import FtlabError
+from ftlab.locks import hold_folder
 from ftlab.sweeps.compare import write_comparison
 
 log = logging.getLogger("ftlab")
 
 
 class CompareSweep(Callback):
-    """Writes results.csv, comparison.md and comparison.png into the sweep folder and prints the table."""
+    """Locks the sweep folder for the sweep's length (in the launching process, so parallel jobs
+    of a launcher do not contend for it; a second sweep into the folder is refused), then writes
+    results.csv, comparison.md and comparison.png into it and prints the table."""
+
+    def __init__(self) -> None:
+        self._held = ExitStack()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._held.enter_context(hold_folder(config.hydra.sweep.dir, "sweep"))
+        except FtlabError as exc:
+            raise SystemExit(f"ftlab: error: {exc}") from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._held.close()
         sweep_dir = config.hydra.sweep.dir
         try:
             table = write_comparison([sweep_dir], sweep_dir)

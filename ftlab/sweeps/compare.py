@@ -67,26 +67,97 @@ class Group:
 
 
 def load_runs(sweep_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Every job record under the sweep folders, in job-number order (not glob order)."""
+    """Every job record under the sweep folders, in job-number order (not glob order), and a row
+    for each job that did not finish: ``killed`` (a record left ``running`` by a process that is
+    gone, or a job folder without a record) and ``not run`` (a job of the sweep's grid with no folder)."""
     rows: list[dict[str, Any]] = []
     for sweep in map(Path, sweep_dirs):
         if not sweep.is_dir():
             raise FileNotFoundError(f"{sweep}: no such sweep folder")
-        found = [json.loads(p.read_text()) | {"run_dir": str(p.parent)} for p in sweep.glob(f"*/{METRICS_FILE}")]
+        found = [_record(p.parent) for p in sweep.glob(f"*/{METRICS_FILE}")]
+        found += [{"status": "killed", "error": "no run record: the job was stopped before it started training",
+                   "overrides": _job_overrides(d), "run_dir": str(d)}
+                  for d in sweep.iterdir() if (d / ".hydra").is_dir() and not (d / METRICS_FILE).is_file()]
         if (sweep / METRICS_FILE).is_file():  # a single run's folder
-            found.append(json.loads((sweep / METRICS_FILE).read_text()) | {"run_dir": str(sweep)})
-        found.sort(key=lambda r: (r.get("job_num") is None, r.get("job_num") or 0, r["run_dir"]))
+            found.append(_record(sweep))
+        found += not_run(sweep, found)
+        keys = {o.split("=", 1)[0] for job in expected_jobs(sweep) for o in job}
+        for row in found if keys else []:  # a grid sweep: its rows are told apart by its swept keys only
+            row["swept_keys"] = sorted(keys)
+        found.sort(key=lambda r: (r.get("job_num") is None, r.get("job_num") or 0, r.get("run_dir") or ""))
         rows.extend(found)
     return rows
 
 
+def _record(folder: Path) -> dict[str, Any]:
+    from ftlab.locks import is_held
+
+    row = json.loads((folder / METRICS_FILE).read_text()) | {"run_dir": str(folder)}
+    if row.get("status") == "running" and not is_held(folder):
+        row["status"] = "killed"
+        row.setdefault("error", "the process ended without recording how (SIGKILL, out of memory, power loss)")
+    return row
+
+
+def _job_overrides(folder: Path) -> list[str]:
+    from omegaconf import OmegaConf
+
+    try:
+        return [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
+    except (OSError, ValueError):
+        return []
+
+
+def expected_jobs(sweep: Path) -> list[list[str]]:
+    """The jobs a grid sweep (Hydra's basic sweeper) was asked for, each as its swept
+    ``key=value`` overrides, from the sweep's ``multirun.yaml``; [] for other sweepers (Optuna
+    decides its trials as it goes) or a folder without one."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    config = Path(sweep) / "multirun.yaml"
+    if not config.is_file():
+        return []
+    hydra = OmegaConf.load(config).hydra
+    if not str(hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return []
+    lines = [str(o) for o in hydra.overrides.task]
+    params = hydra.sweeper.get("params") or {}
+    lines += [f"{key}={value}" for key, value in params.items()]
+    swept = [o for o in OverridesParser.create().parse_overrides(lines) if o.is_sweep_override()]
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in swept]
+    return [list(combo) for combo in itertools.product(*choices)] if choices else []
+
+
+def not_run(sweep: Path, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A ``not run`` row for each job of the sweep's grid that no row (record or job folder) holds."""
+    held = [set(r.get("overrides") or []) for r in rows]
+    return [{"status": "not run", "overrides": job, "seed": _seed(job), "error": "no job folder: the sweep stopped before this job"}
+            for job in expected_jobs(sweep) if not any(set(job) <= h for h in held)]
+
+
+def _seed(overrides: Sequence[str]) -> Any:
+    values = [o.split("=", 1)[1] for o in overrides if o.startswith("seed=")]
+    return int(values[0]) if values and values[0].lstrip("-").isdigit() else None
+
+
 def _swept(row: dict[str, Any]) -> list[str]:
-    return [o for o in row.get("overrides") or [] if not o.startswith(IGNORED_KEYS)]
+    keys = row.get("swept_keys")
+    overrides = [o for o in row.get("overrides") or [] if not o.startswith(IGNORED_KEYS)]
+    return [o for o in overrides if o.split("=", 1)[0] in keys] if keys else overrides
+
+
+def _common(rows: Sequence[dict[str, Any]], overrides: Any) -> set[str]:
+    """The overrides every recorded job shares (not-run rows hold their swept values only)."""
+    recorded = [r for r in rows if r.get("status") != "not run"] or list(rows)
+    return set.intersection(*(set(overrides(r)) for r in recorded)) if recorded else set()
 
 
 def group_runs(rows: Sequence[dict[str, Any]]) -> list[Group]:
     """Group jobs by the overrides that vary between them (common ones would only add noise)."""
-    common = set.intersection(*(set(_swept(r)) for r in rows)) if rows else set()
+    common = set() if any(r.get("swept_keys") for r in rows) else _common(rows, _swept)
     groups: dict[str, Group] = {}
     for row in rows:
         label = " ".join(o for o in _swept(row) if o not in common) or str(row.get("method"))
@@ -104,6 +175,7 @@ def budget(rows: Sequence[dict[str, Any]]) -> str:
     return text
 
 
+UNFINISHED = ("pruned", "diverged", "interrupted", "killed", "not run")  # shown when some run ended so
 OPTIONAL = {"base_exact_match", "exact_match", "accuracy", "precision", "recall", "f1", "base_preference_accuracy",
             "preference_accuracy", "reward_accuracy", "base_mean_reward", "mean_reward"}  # shown when measured
 
@@ -112,7 +184,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     groups = group_runs(rows)
     summary = [c for c in SUMMARY if c[0] not in OPTIONAL or any(g.values(c[0]) for g in groups)]
     higher = [label for key, label, _ in summary if key in OPTIONAL]
-    statuses = ["completed", "failed"] + (["pruned"] if any(r.get("status") == "pruned" for r in rows) else [])
+    statuses = ["completed", "failed"] + [s for s in UNFINISHED if any(r.get("status") == s for r in rows)]
     seeds = sorted({r.get("seed") for r in rows}, key=str)
     lines = [
         f"# Comparison of {len(rows)} runs",
@@ -128,11 +200,31 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     for g in groups:
         cells = [g.cell(key, fmt) for key, _, fmt in summary]
         lines.append(f"| {g.label} | " + " | ".join([str(g.count(s)) for s in statuses] + cells) + " |")
-    failed = [r for r in rows if r.get("status") == "failed"]
+    failed = [r for r in rows if r.get("status") in ("failed", "diverged")]
     if failed:
         lines += ["", "Failed runs:", ""]
         lines += [f"- {r['run_dir']}: {r.get('error', '?')}" for r in failed]
+    unfinished = [r for r in rows if r.get("status") in ("interrupted", "killed", "not run")]
+    if unfinished:
+        lines += ["", "Did not finish (run the sweep's command again with resume=true to finish them):", ""]
+        lines += [f"- {r['status']}: {_job_label(r, rows)}" + _where(r) for r in unfinished]
     return "\n".join(lines) + "\n"
+
+
+def _job_label(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    """The overrides that set this job apart, seed included (a grid sweep's swept values)."""
+    def own(r: dict[str, Any]) -> list[str]:
+        keys = r.get("swept_keys")
+        overrides = [o for o in r.get("overrides") or [] if not o.startswith(("resume", "hydra."))]
+        return [o for o in overrides if o.split("=", 1)[0] in keys] if keys else overrides
+    common = _common(rows, own) if not row.get("swept_keys") else set()
+    return " ".join(o for o in own(row) if o not in common) or str(row.get("run_dir"))
+
+
+def _where(row: dict[str, Any]) -> str:
+    if row.get("checkpoint"):
+        return f" (at step {row.get('steps')}, checkpoint {row['checkpoint']})"
+    return f" ({row['run_dir']})" if row.get("run_dir") else ""
 
 
 def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:

@@ -146,3 +146,74 @@ def test_2000_examples_round_trip(tmp_path, tokenizer):
     cached_examples(tmp_path, {"n": 2000}, lambda: examples, "train")
     loaded, hit = cached_examples(tmp_path, {"n": 2000}, lambda: pytest.fail("rebuilt"), "train")
     assert hit and loaded == examples
+
+
+# -- damaged entries ---------------------------------------------------------------------------------
+
+
+def _first_token_offset(path: Path) -> int:
+    """Where the first token id (int64, little-endian) of ``input_ids`` lies in a safetensors file."""
+    header_size = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8 : 8 + header_size])
+    return 8 + header_size + header["input_ids.values"]["data_offsets"][0]
+
+
+def _change_first_token_id(path: Path) -> None:
+    """Overwrite one token id in place: same size, still a valid file, other data."""
+    data = bytearray(path.read_bytes())
+    at = _first_token_offset(path)
+    token = int.from_bytes(data[at : at + 8], "little", signed=True)
+    data[at : at + 8] = (token + 1).to_bytes(8, "little", signed=True)
+    path.write_bytes(bytes(data))
+
+
+def _cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a token id changed"])
+def test_a_damaged_entry_is_rebuilt_with_a_warning(tmp_path, tokenizer, records, caplog, damage):
+    from ftlab.data.cache import load_examples
+
+    build = Builder(tokenizer, records)
+    key = key_for(records, tokenizer)
+    fresh, _ = cached_examples(tmp_path, key, build, "train")
+    (entry,) = entries(tmp_path)
+    data = entry / "examples.safetensors"
+    size = data.stat().st_size
+    if damage == "truncated":
+        _cut_in_half(data)
+    else:
+        _change_first_token_id(data)
+        assert data.stat().st_size == size
+        tampered = load_examples(data)  # what a run without the check would silently train on
+        assert tampered[0]["input_ids"][0] == fresh[0]["input_ids"][0] + 1 and tampered[1:] == fresh[1:]
+    with caplog.at_level(logging.WARNING):
+        examples, hit = cached_examples(tmp_path, key, build, "train")
+    assert (hit, build.calls) == (False, 2)
+    assert examples == fresh == Builder(tokenizer, records)()
+    warnings = [r.message for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(entry) in warnings[0] and "examples.safetensors" in warnings[0]
+    assert ("has" in warnings[0] and f"but {size} were written" in warnings[0]) if damage == "truncated" else (
+        "does not match the sha256" in warnings[0])
+    assert entries(tmp_path) == [entry] and data.stat().st_size == size
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # control: the rebuilt entry is a hit again
+        assert cached_examples(tmp_path, key, build, "train") == (fresh, True)
+    assert build.calls == 2 and not caplog.records
+
+
+def test_an_entry_of_an_older_ftlab_is_rebuilt_once(tmp_path, tokenizer, records, caplog):
+    build = Builder(tokenizer, records)
+    key = key_for(records, tokenizer)
+    fresh, _ = cached_examples(tmp_path, key, build, "train")
+    (entry,) = entries(tmp_path)
+    (entry / COMPLETE_MARKER).write_text(json.dumps({"built_at": 1.0}))  # a marker without hashes
+    with caplog.at_level(logging.WARNING):
+        assert cached_examples(tmp_path, key, build, "train") == (fresh, False)
+        assert cached_examples(tmp_path, key, build, "train") == (fresh, True)
+    assert build.calls == 2
+    assert [r.message for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"cache entry {entry} cannot be used: it was built by an older ftlab, whose completion marker records no"
+        " content hashes; removing it and building it again"
+    ]

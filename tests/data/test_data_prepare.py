@@ -145,6 +145,7 @@ def test_report_dict_and_lines() -> None:
         "expanded": 0,
         "augmented": 0,
         "kept": 2,
+        "truncated": 0,
     }
     assert report.lines() == [
         "d.jsonl: 6 rows read, 2 examples kept",

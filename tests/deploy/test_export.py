@@ -263,6 +263,96 @@ def test_taken_out_folder_is_refused_unless_forced(runs, tmp_path: Path) -> None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
 
+def _export_error(argv: list[str]) -> str:
+    """The message ``ftlab export`` exits with (one ``ftlab: error:`` line, no traceback)."""
+    from ftlab.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["export", *argv])
+    message = str(err.value)
+    assert message.startswith("ftlab: error: ") and "\n" not in message and "Traceback" not in message
+    return message
+
+
+def _no_loading(monkeypatch) -> None:
+    """A place that cannot be written is refused before the model is loaded."""
+    from ftlab.deploy.run_loading import FinishedRun
+
+    monkeypatch.setattr(FinishedRun, "load", lambda self: pytest.fail("loaded the model before checking --out"))
+
+
+def test_out_under_a_file_is_one_error_line(runs, tmp_path: Path, monkeypatch) -> None:
+    """Works as root too (root ignores permissions, not a file where a folder must be)."""
+    _no_loading(monkeypatch)
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    for out in (blocker / "export", blocker / "deeper" / "export"):
+        message = _export_error([str(runs["lora"]), "--out", str(out)])
+        assert message == (f"ftlab: error: cannot write the export to {out}: {blocker} is a file, not a folder;"
+                           " choose another --out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions: the tests of a file in the way"
+                    " and of the OS refusing the folder run instead")
+def test_out_in_a_read_only_folder_is_one_error_line(runs, tmp_path: Path, monkeypatch) -> None:
+    _no_loading(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for out in (locked / "export", locked / "a" / "export"):
+            message = _export_error([str(runs["lora"]), "--out", str(out)])
+            assert message.startswith(f"ftlab: error: cannot write the export to {out}: permission denied in {locked}")
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_permission_denied_as_the_os_reports_it(runs, tmp_path: Path, monkeypatch) -> None:
+    """What the read-only folder test checks, also as root: the OS refusing the temporary folder."""
+    import errno
+
+    import ftlab.deploy.export as export
+
+    _no_loading(monkeypatch)
+
+    def refused(prefix: str, dir: Path) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / f"{prefix}abc123"))
+
+    monkeypatch.setattr(export.tempfile, "mkdtemp", refused)
+    out = tmp_path / "export"
+    message = _export_error([str(runs["lora"]), "--out", str(out)])
+    assert message == (f"ftlab: error: cannot write the export to {out}: permission denied in {tmp_path}"
+                       " (choose an --out you can write to)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_failing_part_way_leaves_nothing_and_keeps_the_old_export(runs, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import ftlab.deploy.export as export
+
+    out = tmp_path / "export"
+    export_run(runs["ia3"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    written: list[Path] = []
+
+    def disk_full(folder: Path, facts: dict) -> None:
+        written.extend(folder.iterdir())  # the weights and tokenizer are already there
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "README.md"))
+
+    monkeypatch.setattr(export, "_write_card", disk_full)
+    for target, force in ((tmp_path / "new", False), (out, True)):
+        with pytest.raises(ExportError) as err:
+            export_run(runs["ia3"], target, force=force)
+        assert str(err.value) == (f"cannot write the export to {target}: no space left on the device holding {tmp_path};"
+                                  " the partial export was removed (free space there, or choose another --out)")
+    assert any(p.name == "adapter_model.safetensors" for p in written)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folder, no "new"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # --force replaced nothing
+
+
 def test_generate_streams_an_answer_from_an_export(exports, runs) -> None:
     from ftlab.evaluation.generation import generate
     from ftlab.deploy.run_loading import open_run

@@ -117,9 +117,9 @@ def test_prompt_text_init_starts_from_the_text_embeddings(run_of, tokens: int) -
 
 
 def test_prompt_methods_reject_bad_choices(run_of) -> None:
-    with pytest.raises(ConfigError, match=r"method.init='words' is not valid; use one of: text, random"):
+    with pytest.raises(ConfigError, match=r"method.init=words: expected one of: text \| random"):
         run_of("prompt", "method.init=words")
-    with pytest.raises(ConfigError, match=r"method.encoder='gru' is not valid; use one of: mlp, lstm"):
+    with pytest.raises(ConfigError, match=r"method.encoder=gru: expected one of: mlp \| lstm"):
         run_of("ptuning", "method.encoder=gru")
     with pytest.raises(ConfigError, match=r"method.task_id=2 must be in \[0, method.num_tasks=2\)"):
         run_of("multitask_prompt", "method.num_tasks=2", "method.task_id=2")
@@ -219,7 +219,7 @@ def test_adapter_saves_only_its_weights(run_of, tmp_path: Path) -> None:
 
 
 def test_adapter_rejects_bad_choices(run_of) -> None:
-    with pytest.raises(ConfigError, match=r"method.activation='swish' is not valid; use one of: gelu, relu, silu, tanh"):
+    with pytest.raises(ConfigError, match=r"method.activation=swish: expected one of: gelu \| relu \| silu \| tanh"):
         run_of("adapter", "method.activation=swish")
-    with pytest.raises(ConfigError, match=r"method.where='ffn' is not valid; use one of: attention, mlp, both"):
+    with pytest.raises(ConfigError, match=r"method.where=ffn: expected one of: attention \| mlp \| both"):
         run_of("adapter", "method.where=ffn")

@@ -200,10 +200,10 @@ def test_a_qlora_base_trains(cache_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["method.num_generations=0"], r"method.num_generations=0 must be >= 1"),
-    (["method.ppo_epochs=0"], r"method.ppo_epochs=0 must be >= 1"),
-    (["method.lam=1.5"], r"method.lam=1.5 must be in \[0, 1\]"),
-    (["method.cliprange=0"], r"method.cliprange=0.0 must be > 0"),
+    (["method.num_generations=0"], r"method.num_generations=0: expected an integer >= 1"),
+    (["method.ppo_epochs=0"], r"method.ppo_epochs=0: expected an integer >= 1"),
+    (["method.lam=1.5"], r"method.lam=1.5: expected a number in \[0, 1\]"),
+    (["method.cliprange=0"], r"method.cliprange=0: expected a number > 0"),
     (["method.reward_model=/no/such/run"], r"method.reward_model=/no/such/run: no such folder"),
     (["method.reward=nope"], r"unknown reward 'nope'"),
     (["trainer.accumulate_grad_batches=2"], r"trainer.accumulate_grad_batches=2: PPO makes one optimizer step per "

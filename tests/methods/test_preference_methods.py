@@ -117,11 +117,11 @@ def test_the_refusal_comes_before_the_model_loads(tiny_cfg, monkeypatch) -> None
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["method=dpo", "method.loss=squared"], r"method.loss='squared' is not valid; use one of: sigmoid, ipo, hinge, robust"),
+    (["method=dpo", "method.loss=squared"], r"method.loss=squared: expected one of: sigmoid \| ipo \| hinge \| robust"),
     (["method=dpo", "method.beta=0"], r"method.beta=0"),
     (["method=ipo", "method.label_smoothing=0.1"], r"label_smoothing=0.1 is not used by loss_type=ipo"),
     (["method=dpo", "method.adapter=none", "quantization=nf4"], r"method.adapter=none trains every weight"),
-    (["method=reward", "method.adapter=full"], r"method.adapter='full' is not valid; use one of: lora, none"),
+    (["method=reward", "method.adapter=full"], r"method.adapter=full: expected one of: lora \| none"),
     (["method=simpo", "method.gamma_beta_ratio=-1"], r"method.gamma_beta_ratio=-1"),
     (["method=kto", "method.desirable_weight=0"], r"method.desirable_weight=0"),
 ])

@@ -70,6 +70,32 @@ def test_compare_cli_across_sweeps(tmp_path: Path) -> None:
     assert missing.returncode != 0 and "nope: no such sweep folder" in missing.stderr
 
 
+def test_jobs_that_did_not_finish_are_listed(tmp_path: Path) -> None:
+    """A grid sweep's jobs that never ran (no folder), were killed (a ``running`` record nobody
+    holds, or a folder without a record) or were interrupted are counted and listed by their values."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.save({"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                                          "params": None},
+                              "overrides": {"task": ["model=tiny", "method=full,lora", "seed=0,1"]}}},
+                   tmp_path / "multirun.yaml")
+    _job(tmp_path, 0, "full", 0, 1.0)
+    _job(tmp_path, 1, "full", 1, 1.0, status="running")  # its process was SIGKILLed
+    write_metrics(tmp_path / "2_lora", {"method": "lora", "seed": 0, "status": "interrupted", "job_num": 2, "steps": 7,
+                                        "checkpoint": "/x/step-000007.ckpt", "overrides": ["method=lora", "seed=0"]})
+    table = markdown_table(load_runs([tmp_path]))
+    assert "| method=full | 1 | 0 | 0 | 1 | 0 |" in table  # completed, failed, interrupted, killed, not run
+    assert "| method=lora | 0 | 0 | 1 | 0 | 1 |" in table
+    assert "- killed: method=full seed=1" in table
+    assert "- interrupted: method=lora seed=0 (at step 7, checkpoint /x/step-000007.ckpt)" in table
+    assert "- not run: method=lora seed=1" in table
+    # control: with every job recorded completed, nothing is listed as unfinished
+    for num, (method, seed) in enumerate([("full", 1), ("lora", 0), ("lora", 1)], start=1):
+        _job(tmp_path, num, method, seed, 1.0)
+    assert "Did not finish" not in markdown_table(load_runs([tmp_path]))
+
+
+@pytest.mark.slow  # a subprocess sweep of many jobs: CI runs it, the quick loop does not
 def test_sweep_writes_comparison_and_resume_skips_completed_jobs(tmp_path: Path, cache_dir: Path) -> None:
     args = [sys.executable, "-m", "ftlab", "-m", "method=full,lora,qlora", "seed=0,1", "model=tiny",
             "trainer.max_steps=3", "data.num_train=48", "data.num_val=16", f"paths.cache_dir={cache_dir}"]
@@ -87,6 +113,8 @@ def test_sweep_writes_comparison_and_resume_skips_completed_jobs(tmp_path: Path,
     mtimes = {p: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json") if p not in interrupted}
     for p in interrupted:
         p.unlink()
+    listed = markdown_table(load_runs([sweep]))  # job folders without a record: killed before they started
+    assert "- killed: method=full seed=1" in listed and "- killed: method=qlora seed=0" in listed
     second = subprocess.run([*args, "resume=true"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming the sweep in {sweep.relative_to(tmp_path)}" in second.stderr
@@ -97,6 +125,7 @@ def test_sweep_writes_comparison_and_resume_skips_completed_jobs(tmp_path: Path,
     assert list((tmp_path / "outputs" / "multirun").iterdir()) == [sweep]
 
 
+@pytest.mark.slow  # a subprocess sweep of many jobs: CI runs it, the quick loop does not
 def test_optuna_search_reports_best_trial(tmp_path: Path, cache_dir: Path) -> None:
     sweep = tmp_path / "optuna"
     out = subprocess.run(
@@ -115,6 +144,7 @@ def test_optuna_search_reports_best_trial(tmp_path: Path, cache_dir: Path) -> No
     assert (sweep / "comparison.md").exists()
 
 
+@pytest.mark.slow  # a subprocess sweep of many jobs: CI runs it, the quick loop does not
 def test_optuna_prunes_a_bad_trial_and_records_it(tmp_path: Path, cache_dir: Path) -> None:
     # lr=1e-7 barely moves the loss: once two trials have finished, it is worse than their median
     # at step 2 and its job stops there; lr=3e-3 trials run the full 6 steps.
@@ -214,3 +244,22 @@ def test_the_objective_a_job_returns_is_the_named_metric(caplog: pytest.LogCaptu
         assert math.isnan(objective_value(OmegaConf.create({"objective": "mean_rewrd"}), record))
     assert "objective=mean_rewrd: the run record has no number under that name (it has: mean_reward, val_loss)" \
         in caplog.text
+
+
+@pytest.mark.slow
+def test_a_signal_stops_the_sweep_which_lists_what_did_not_run_and_resumes(tmp_path: Path, cache_dir: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "ftlab", "-m", "seed=0,1", "model=tiny", "trainer.max_steps=4", "eval.generate=false",
+            "checkpoint.every_n_steps=2", "data.num_train=48", "data.num_val=16", "logger=none",
+            f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}"]
+    stop = ["+callbacks.stop._target_=ftlab.testing.SignalAt", "+callbacks.stop.step=3", "+callbacks.stop.signal=SIGTERM"]
+    first = subprocess.run([*args, *stop], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 143, first.stderr[-3000:]  # not 0: a scheduler must not record success
+    table = (sweep / "comparison.md").read_text()
+    assert "- interrupted: seed=0 (at step 3, checkpoint" in table and "- not run: seed=1" in table
+    second = subprocess.run([*args, "resume=true"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    records = [json.loads((sweep / f"{n}_lora" / "metrics.json").read_text()) for n in (0, 1)]
+    assert [r["status"] for r in records] == ["completed", "completed"]
+    assert records[0]["resumed_from"].endswith("step-000003.ckpt") and "resumed_from" not in records[1]
+    assert "Did not finish" not in (sweep / "comparison.md").read_text()
