@@ -11,7 +11,7 @@ the same things:
   of raw bytes);
 * ``build_once`` -- a cache *folder* built in a temporary sibling and moved into place under a
   file lock, with a marker written last that records the size and sha256 of every file in it;
-* ``atomic_write_text``/``atomic_write_json`` -- a *file* written to a temporary file in the
+* ``atomic_write`` (and ``atomic_write_text``/``atomic_write_json``) -- a *file* written to a temporary file in the
   same folder and ``os.replace``-d in; ``cached_json`` adds the file lock, so a value is
   computed by one process while the others wait and read it, and stores the sha256 of the
   value in the same file.
@@ -42,10 +42,10 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 __all__ = [
-    "COMPLETE_MARKER", "atomic_write_json", "atomic_write_text", "build_once", "cached_json", "file_sha256",
+    "COMPLETE_MARKER", "atomic_write", "atomic_write_json", "atomic_write_text", "build_once", "cached_json", "file_sha256",
     "fingerprint", "folder_problem", "is_complete",
 ]
 
@@ -229,8 +229,9 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
 # -- files -----------------------------------------------------------------------------------------
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` whole or not at all: a crash (or an error) mid-write leaves the
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` whole or not at all: ``write(f)`` fills a temporary file in the same folder,
+    which is flushed to disk and renamed over ``path``; a crash (or an error) mid-write leaves the
     old file, if any, untouched and no temporary file behind.
 
     The temporary file sits in the same folder, so ``os.replace`` is a rename on one filesystem,
@@ -240,8 +241,8 @@ def atomic_write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; run folders and the cache may be shared
@@ -250,6 +251,12 @@ def atomic_write_text(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """``text`` (UTF-8) written with ``atomic_write``."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> Path:

@@ -21,13 +21,10 @@ the state is consistent; a crash mid-step is not).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +34,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ftlab.cache import atomic_write, atomic_write_json, file_sha256
 from ftlab.errors import ConfigError
 
 __all__ = ["CHECKPOINT_DIR", "AtomicCheckpointIO", "ResumeState", "StepCheckpoints", "checkpoint_callbacks",
@@ -49,35 +47,14 @@ HASH_SUFFIX = ".sha256"  # beside each checkpoint: {"sha256": ..., "size": ...},
 _STEP = re.compile(r"step-(\d+)\.ckpt$")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary file in the same folder, fsync, rename; then the hash file."""
+    """``torch.save`` through ``ftlab.cache.atomic_write`` (temporary file, fsync, rename); then the hash file."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        from ftlab.cache import atomic_write_json
-
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         Path(str(path) + HASH_SUFFIX).unlink(missing_ok=True)  # the old hash no longer describes the file
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; run folders may be shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        atomic_write_json(Path(str(path) + HASH_SUFFIX), {"sha256": _sha256(path), "size": path.stat().st_size})
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+        atomic_write_json(Path(str(path) + HASH_SUFFIX), {"sha256": file_sha256(path), "size": path.stat().st_size})
 
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)
@@ -95,7 +72,7 @@ def verify_checkpoint(path: Path) -> Optional[str]:
     actual = path.stat().st_size
     if actual != size:
         return f"{actual} bytes where {size} were written (truncated or overwritten)"
-    if _sha256(path) != digest:
+    if file_sha256(path) != digest:
         return "its content does not match the sha256 written with it (damaged)"
     return None
 

@@ -9,6 +9,8 @@ fingerprint and the hardware (CPU model and the flags that change code paths, GP
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import platform
 import subprocess
@@ -52,17 +54,20 @@ def _git() -> Optional[dict[str, Any]]:
 
 
 def _cpu() -> dict[str, Any]:
-    model, flags = platform.processor() or None, set()
+    from ftlab.models.quant import cpu_flags
+
+    model = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and not model:
+            if key.strip() == "model name":
                 model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+                break
     except OSError:
         pass
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags]}
+    flags = cpu_flags()
+    return {"model": model or platform.processor() or None, "cores": os.cpu_count(),
+            "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
 def _gpus() -> list[str]:
@@ -73,8 +78,10 @@ def _gpus() -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
-def environment() -> dict[str, Any]:
-    """Versions and hardware: the part of a manifest that describes the machine, not the run."""
+@functools.lru_cache(maxsize=1)
+def _environment() -> dict[str, Any]:
+    """Versions and hardware: the part of a manifest that describes the machine, not the run.
+    The same for every run of a process (a sweep's jobs), so found once (git, /proc, metadata)."""
     import torch
 
     return {
@@ -84,6 +91,11 @@ def environment() -> dict[str, Any]:
         "packages": {name: _version(name) for name in PACKAGES},
         "hardware": {"cpu": _cpu(), "gpus": _gpus(), "cuda": torch.version.cuda, "platform": platform.platform()},
     }
+
+
+def environment() -> dict[str, Any]:
+    """``_environment()``, as a copy the caller may change."""
+    return copy.deepcopy(_environment())
 
 
 def write_manifest(out: Path, cfg: DictConfig, overrides: list[str], data: Optional[dict[str, Any]] = None) -> Path:

@@ -48,11 +48,21 @@ def native_bf16() -> bool:
     SmolLM2 nf4+LoRA step took 160 s in bf16 against 8 s in fp32 on a 2-core AVX2 CPU)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where there is none): which kernels
+    torch and bitsandbytes take depends on them (``native_bf16``; the run manifest records them)."""
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
 
 
 def compute_dtype(name: str | torch.dtype) -> torch.dtype:

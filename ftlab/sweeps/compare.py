@@ -80,8 +80,9 @@ def load_runs(sweep_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
                   for d in sweep.iterdir() if (d / ".hydra").is_dir() and not (d / METRICS_FILE).is_file()]
         if (sweep / METRICS_FILE).is_file():  # a single run's folder
             found.append(_record(sweep))
-        found += not_run(sweep, found)
-        keys = {o.split("=", 1)[0] for job in expected_jobs(sweep) for o in job}
+        jobs = expected_jobs(sweep)
+        found += not_run(jobs, found)
+        keys = {o.split("=", 1)[0] for job in jobs for o in job}
         for row in found if keys else []:  # a grid sweep: its rows are told apart by its swept keys only
             row["swept_keys"] = sorted(keys)
         found.sort(key=lambda r: (r.get("job_num") is None, r.get("job_num") or 0, r.get("run_dir") or ""))
@@ -114,8 +115,9 @@ def expected_jobs(sweep: Path) -> list[list[str]]:
     decides its trials as it goes) or a folder without one."""
     import itertools
 
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
+
+    from ftlab.overrides import parse
 
     config = Path(sweep) / "multirun.yaml"
     if not config.is_file():
@@ -126,16 +128,17 @@ def expected_jobs(sweep: Path) -> list[list[str]]:
     lines = [str(o) for o in hydra.overrides.task]
     params = hydra.sweeper.get("params") or {}
     lines += [f"{key}={value}" for key, value in params.items()]
-    swept = [o for o in OverridesParser.create().parse_overrides(lines) if o.is_sweep_override()]
+    swept = [o for o in parse(lines) if o.is_sweep_override()]
     choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in swept]
     return [list(combo) for combo in itertools.product(*choices)] if choices else []
 
 
-def not_run(sweep: Path, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A ``not run`` row for each job of the sweep's grid that no row (record or job folder) holds."""
+def not_run(jobs: Sequence[Sequence[str]], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A ``not run`` row for each of ``jobs`` (a sweep's grid, ``expected_jobs``) that no row
+    (record or job folder) holds."""
     held = [set(r.get("overrides") or []) for r in rows]
     return [{"status": "not run", "overrides": job, "seed": _seed(job), "error": "no job folder: the sweep stopped before this job"}
-            for job in expected_jobs(sweep) if not any(set(job) <= h for h in held)]
+            for job in jobs if not any(set(job) <= h for h in held)]
 
 
 def _seed(overrides: Sequence[str]) -> Any:
