@@ -40,6 +40,7 @@ from ftlab.evaluation.preference import (PreferenceScore, base_preference_cached
                                          preference_records, reward_accuracy)
 from ftlab.evaluation.rewards import RewardScore, base_reward_cached, score_rewards
 from ftlab.methods.base import BATCH_KINDS, HEADS, BaseMethod
+from ftlab.models.architecture import architecture
 from ftlab.models.loading import count_parameters, load_model
 from ftlab.module import FineTuneModule
 
@@ -129,7 +130,7 @@ def build(cfg: DictConfig) -> Run:
     trainable, total = count_parameters(model)
     log.info(
         "method %s on %s: trainable params %s || all params %s || trainable %.4f%%",
-        cfg.method.name, cfg.model.name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+        cfg.method.name, architecture(cfg.model, cfg.paths.cache_dir).describe(), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
     )
     packing = bool(cfg.data.get("packing", False))
     if packing and not method.packing:

@@ -253,5 +253,43 @@ def validate(cfg: DictConfig) -> "MethodInfo":
     refused = refused_strategy(info.cls.refused_strategies, strategy)
     if refused is not None:
         raise ConfigError(f"method '{info.name}' cannot train with trainer.strategy={shown}: {' '.join(refused[1].split())}")
+    if cfg.get("model") is not None:
+        check_architecture(cfg, info)
     info.cls.check_config(cfg)
     return info
+
+
+def check_architecture(cfg: DictConfig, info: "MethodInfo") -> None:
+    """What the model's architecture (read from its config, no weights) rules out: a quantization
+    bitsandbytes cannot apply to its layers, a reward or classification head transformers has no
+    sequence-classification class for, a method that cannot train it (``refuse_model``)."""
+    from ftlab.models.architecture import architecture
+    from ftlab.models.quant import unquantizable_layers
+
+    paths = cfg.get("paths")
+    arch = architecture(cfg.model, paths.cache_dir if paths is not None else ".")
+    quant = str(cfg.quantization.name)
+    if quant != "none":
+        left = unquantizable_layers(arch.skeleton)
+        if left:
+            raise ConfigError(
+                f"quantization={quant} cannot quantize {arch.describe()}: its decoder blocks' linear layers are "
+                f"{', '.join(left)}, which bitsandbytes does not replace (transformers quantizes only nn.Linear "
+                "and Conv1D); use quantization=none for this model"
+            )
+    reward, classifier = info.cls.head == "reward", task_of(cfg) == "classification"
+    if reward or classifier:  # the base loads as AutoModelForSequenceClassification (a scalar or label head)
+        from transformers import AutoModelForSequenceClassification
+
+        remote = "AutoModelForSequenceClassification" in (getattr(arch.config, "auto_map", None) or {})
+        if not (remote or type(arch.config) in AutoModelForSequenceClassification._model_mapping):
+            who, need = (f"method '{info.name}'", "a reward model's scalar head") if reward else \
+                ("task=classification", "a classification head")
+            raise ConfigError(
+                f"{who} cannot train {arch.describe()}: transformers has no sequence-classification class for "
+                f"{arch.family or arch.model_type} ({type(arch.config).__name__}), which {need} needs; use a model "
+                f"family that has one{'' if reward else ', or task=causal_lm'} (docs/models.md)"
+            )
+    reason = info.cls.refuse_model(arch, cfg)
+    if reason:
+        raise ConfigError(f"method '{info.name}' cannot train {arch.describe()}: {reason}")

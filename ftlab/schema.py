@@ -41,6 +41,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 from ftlab.data.prepare import MISSING_ACTIONS, PrepareConfig
 from ftlab.data.schema import FORMAT_CHOICES, SYNTHETIC, DataConfig, SourceConfig
 from ftlab.errors import ConfigError
+from ftlab.models.families import FAMILIES
 
 __all__ = ["RANGE_KEYS", "RANGES", "RunConfig", "Spec", "check_config", "check_node", "check_value", "closest",
            "conforms", "shown", "spec_at", "spec_of", "unknown_key_message"]
@@ -366,6 +367,14 @@ def _model_source(value: Any) -> str | None:
     return None
 
 
+def _chat_template(value: Any) -> str | None:
+    from ftlab.models.chat_templates import TEMPLATES
+
+    if value is None or str(value) in TEMPLATES or "{%" in str(value) or "{{" in str(value):
+        return None
+    return f"null (the tokenizer's own), {' | '.join(TEMPLATES)} or a Jinja template"
+
+
 def _checkpoint_source(value: Any) -> str | None:
     from pathlib import Path
 
@@ -416,6 +425,9 @@ class ModelConfig:
     kind: str = field(default="pretrained", metadata=_meta(choices=MODEL_KINDS))
     name_or_path: Optional[str] = field(default=None, metadata=_meta(check=_model_source))
     gguf_file: Optional[str] = None
+    family: str = field(default="llama", metadata=_meta("architecture family (kind=tiny builds one)",
+                                                        choices=tuple(FAMILIES)))
+    chat_template: Optional[str] = field(default=None, metadata=_meta(check=_chat_template))
     dtype: str = field(default="float32", metadata=_meta(check=_dtype))
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False

@@ -43,6 +43,7 @@ from ftlab.interrupts import Interrupted, SignalGuard
 from ftlab.locks import hold_folder
 from ftlab.manifest import data_fingerprint, write_manifest
 from ftlab.sweeps.pruning import OptunaPruning, trial_for_this_job
+from ftlab.models.architecture import model_label
 from ftlab.models.quant import count_quantized_linear
 from ftlab.results import PeakMemory, Stopwatch, folder_mb, loss_summary, read_metrics, write_metrics
 from ftlab.evaluation.rewards import RolloutSamples
@@ -77,6 +78,7 @@ def train(cfg: DictConfig) -> float:
                     write_manifest(out, cfg, record.get("overrides", []))
                     write_metrics(out, record)  # status: running, until one of the endings below
                 run = build(cfg)
+                record["architecture"] = getattr(run.model.config, "model_type", None)
                 if rank_zero_only.rank == 0:
                     write_manifest(out, cfg, record.get("overrides", []), data=data_fingerprint(run.datamodule))
                 record.update(fit(run, out, ckpt, signals))
@@ -275,7 +277,9 @@ def _base_record(cfg: DictConfig) -> dict[str, Any]:
     """What ran: method, model, every group choice and the command-line overrides."""
     record: dict[str, Any] = {
         "method": cfg.method.name,
-        "model": cfg.model.name,
+        "model": model_label(cfg.model),  # the model's own name (the hub id, the folder's name, tiny-<family>)
+        "model_group": cfg.model.name,
+        "architecture": None,  # transformers' model_type, once the model is built
         "seed": cfg.seed,
         "status": "running",
         "train_loss_first": None,

@@ -18,10 +18,16 @@ def _options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
-def test_every_group_option_composes(group: str, option: str) -> None:
+def test_every_group_option_composes(group: str, option: str, cache_dir) -> None:
     overrides = [f"{group}={option}"]
     if group == "quantization" and option != "none":
         overrides.append("method=qlora")
+    if group == "model" and option not in ("tiny", "llama"):  # a family preset names a hub id: use a local twin
+        from ftlab.models.tiny import TINY_DEFAULTS, tiny_checkpoint
+
+        family = OmegaConf.load(CONF_DIR / "model" / f"{option}.yaml").family
+        folder = tiny_checkpoint(OmegaConf.create({"kind": "tiny", "family": family, **TINY_DEFAULTS}), cache_dir)
+        overrides += [f"model.name_or_path={folder}", f"paths.cache_dir={cache_dir}"]
     cfg = compose(overrides)
     if group not in ("experiment", "debug"):
         assert OmegaConf.to_container(cfg[group], resolve=False) is not None

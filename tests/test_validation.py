@@ -225,26 +225,27 @@ def _safetensors(path: Path, tensors: dict[str, int]) -> Path:
 def model_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2,
+                                                    "num_key_value_heads": 2}))
     _safetensors(folder / "model.safetensors", {"a": 4, "b": 6})
     return folder
 
 
 def test_a_model_folder_is_checked_by_its_headers(model_dir: Path) -> None:
-    check_overrides([*TINY, f"model.name_or_path={model_dir}"])  # the control: a whole folder
+    check_overrides([*TINY, "model=llama", f"model.name_or_path={model_dir}"])  # the control: a whole folder
     weights = model_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1])  # one byte short
-    text = _error([f"model.name_or_path={model_dir}"], ModelLoadError)
+    text = _error(["model=llama", f"model.name_or_path={model_dir}"], ModelLoadError)
     assert f"{weights} is truncated: its header declares" in text
     weights.write_bytes(weights.read_bytes()[:20])  # the header itself cut
-    assert "truncated: its header needs" in _error([f"model.name_or_path={model_dir}"], ModelLoadError)
+    assert "truncated: its header needs" in _error(["model=llama", f"model.name_or_path={model_dir}"], ModelLoadError)
     weights.write_bytes(b"\x01\x00")
-    assert "not even the 8-byte header length" in _error([f"model.name_or_path={model_dir}"], ModelLoadError)
+    assert "not even the 8-byte header length" in _error(["model=llama", f"model.name_or_path={model_dir}"], ModelLoadError)
 
 
 def test_a_corrupt_config_json_is_named_with_its_line(model_dir: Path) -> None:
     (model_dir / "config.json").write_text('{"model_type": "llama",\n "hidden_size": }')
-    text = _error([f"model.name_or_path={model_dir}"], ModelLoadError)
+    text = _error(["model=llama", f"model.name_or_path={model_dir}"], ModelLoadError)
     assert f"{model_dir / 'config.json'} is not valid JSON (line 2 column" in text
 
 
@@ -254,12 +255,12 @@ def test_a_shard_the_index_lists_must_be_there_with_its_tensors(model_dir: Path)
                             "c": "model-00002-of-00002.safetensors"}}
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     assert "lists the shard model-00002-of-00002.safetensors, which is missing" in \
-        _error([f"model.name_or_path={model_dir}"], ModelLoadError)
+        _error(["model=llama", f"model.name_or_path={model_dir}"], ModelLoadError)
     _safetensors(model_dir / "model-00002-of-00002.safetensors", {"d": 2})
     assert "lacks 1 tensor(s) model.safetensors.index.json puts there (first: c)" in \
-        _error([f"model.name_or_path={model_dir}"], ModelLoadError)
+        _error(["model=llama", f"model.name_or_path={model_dir}"], ModelLoadError)
     _safetensors(model_dir / "model-00002-of-00002.safetensors", {"c": 2})
-    check_overrides([*TINY, f"model.name_or_path={model_dir}"])  # the control: every shard whole
+    check_overrides([*TINY, "model=llama", f"model.name_or_path={model_dir}"])  # the control: every shard whole
 
 
 def test_a_folder_needs_a_config_and_weights_and_a_missing_one_is_named(model_dir: Path, tmp_path: Path) -> None:
@@ -269,17 +270,20 @@ def test_a_folder_needs_a_config_and_weights_and_a_missing_one_is_named(model_di
     assert "no model weights in" in _error(["model=llama", f"model.name_or_path={model_dir}"], ModelLoadError)
     (model_dir / "config.json").unlink()
     assert "no config.json in" in _error(["model=llama", f"model.name_or_path={model_dir}"], ModelLoadError)
-    (model_dir / "m.gguf").write_bytes(b"GGUF" + bytes(8))  # a GGUF folder needs neither
-    check_overrides(["model=llama", f"model.name_or_path={model_dir}", "model.gguf_file=m.gguf"])
+    (model_dir / "m.gguf").write_bytes(b"GGUF" + bytes(8))  # a GGUF folder needs neither: its header is read instead
+    assert "cannot read the config of model m: " in \
+        _error(["model=llama", f"model.name_or_path={model_dir}", "model.gguf_file=m.gguf"], ModelLoadError)
     assert "model.gguf_file 'x.gguf' not found" in \
         _error(["model=llama", f"model.name_or_path={model_dir}", "model.gguf_file=x.gguf"], ModelLoadError)
 
 
-def test_a_hub_id_passes_through_untouched() -> None:
+def test_a_hub_id_passes_the_folder_checks_and_an_unreachable_one_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the hub answers at once that it cannot
     for name in ("gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "org/name.v2"):
         assert is_hub_id(name)
         check_model_source(name, complete=True)
-        check_overrides(["model=llama", f"model.name_or_path={name}"])
+        assert f"cannot read the config of model {name} (not a local folder, and the hub cannot be reached" in \
+            _error(["model=llama", f"model.name_or_path={name}"], ModelLoadError)
     for path in ("/nonexistent", "./here", "a/b/c", "~/models/x", "../x"):
         assert not is_hub_id(path)
 

@@ -137,7 +137,15 @@ def encode_example(
     kind = example_kind(example)
     example = cut_example(tokenizer, example, keep_tokens)
     if kind == "chat":
-        return encode_chat(tokenizer, example["messages"], max_length)
+        from jinja2 import TemplateError
+
+        try:
+            return encode_chat(tokenizer, example["messages"], max_length)
+        except TemplateError as err:  # Gemma's template refuses a system message, for one
+            raise DataError(
+                f"{example.get('_where', 'an example')}: the model's chat template cannot render this conversation "
+                f"({err}); set model.chat_template=chatml (or a Jinja template that can), or change the data"
+            ) from err
     if kind == "classification":
         if label_ids is None:
             raise DataError(

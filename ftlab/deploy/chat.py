@@ -28,6 +28,7 @@ from torch import nn
 from ftlab.data.encode import pad_id_of
 from ftlab.errors import ChatError
 from ftlab.deploy.export import EXPORT_INFO
+from ftlab.models.quant import keep_standard_4bit_layout
 from ftlab.evaluation.generation import (
     ModelInputs, generate_batch, generate_ids, generation_config, prompt_learning_config, stop_token_ids, until_stop,
 )
@@ -102,6 +103,7 @@ def _load_export(folder: Path) -> Chatbot:
         quantization = _recorded_quantization(folder)
         base = AutoModelForCausalLM.from_pretrained(
             base_path, quantization_config=quantization, device_map=_device_map() if quantization else None)
+        keep_standard_4bit_layout(base)  # bitsandbytes' CPU repack asserts on narrow layers
         return Chatbot(PeftModel.from_pretrained(base, str(folder)), tokenizer)
     architectures = json.loads(config_file.read_text()).get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):

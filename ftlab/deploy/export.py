@@ -351,6 +351,7 @@ def _facts(finished: "FinishedRun", loaded: "LoadedRun", base_model: str, out: P
            dtype: str | None) -> dict[str, Any]:
     """What the card says beyond the weights: base, method, data, scores and commands."""
     from ftlab.deploy.run_loading import recorded_overrides
+    from ftlab.models.architecture import model_label
 
     cfg = finished.cfg
     method_config = OmegaConf.to_container(cfg.method, resolve=True)
@@ -358,7 +359,7 @@ def _facts(finished: "FinishedRun", loaded: "LoadedRun", base_model: str, out: P
         "method": str(cfg.method.name),
         "method_config": method_config,
         "cannot_merge": loaded.method.cannot_merge,
-        "base_name": str(cfg.model.name),
+        "base_name": model_label(cfg.model),
         "base_model": base_model,
         "quantization": str(cfg.quantization.name),
         "task": finished.task,

@@ -9,7 +9,9 @@ method that is not a PEFT wrapper. The adapters are attached as submodules of ea
 layer (``model.layers.3.mlp_adapter``) and run by forward hooks on its attention and MLP
 (``self_attn``/``mlp`` on Llama; found from the model by ``ftlab.models.structure``, so GPT-2's
 ``attn`` gets ``attn_adapter``), so the base model's parameter names are unchanged and the saved
-file holds only adapter weights.
+file holds only adapter weights. A block with no feed-forward submodule (OPT's ``fc1``/``fc2`` sit
+directly on the block) gets its MLP adapter after the feed-forward's output layer (``fc2_adapter``),
+which is the same place: that layer's output is the MLP's, before dropout and the residual add.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,11 +27,40 @@ from torch import nn
 
 from ftlab.errors import ConfigError, ModelStructureError
 from ftlab.methods.base import QUANTIZATIONS, BaseMethod, MethodConfig
-from ftlab.models.structure import attention_name, decoder_blocks, mlp_name
+from ftlab.models.structure import attention_name, decoder_blocks, is_linear, mlp_name
+
+if TYPE_CHECKING:
+    from ftlab.models.architecture import Architecture
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
-# where= -> the sublayers of a block an adapter follows, each found by its name finder
-PLACES = {"attention": (attention_name,), "mlp": (mlp_name,), "both": (attention_name, mlp_name)}
+
+
+def _out_features(module: nn.Module) -> int | None:
+    """A linear layer's output size (``nn.Linear``, bitsandbytes' layers; GPT-2's ``Conv1D``: ``nf``)."""
+    size = getattr(module, "out_features", None)
+    return int(size) if size is not None else getattr(module, "nf", None)
+
+
+def mlp_output_name(block: nn.Module, hidden: int) -> str:
+    """The sublayer whose output is a block's feed-forward output: its MLP submodule
+    (``structure.mlp_name``), or, in a block with none (OPT), the last linear layer among the
+    block's direct children that maps back to the hidden size (OPT's ``fc2``)."""
+    try:
+        return mlp_name(block)
+    except ModelStructureError:
+        outputs = [n for n, c in block.named_children() if is_linear(c) and _out_features(c) == hidden]
+        if outputs:
+            return outputs[-1]
+        raise
+
+
+def _attention(block: nn.Module, hidden: int) -> str:
+    return attention_name(block)
+
+
+# where= -> the sublayers of a block an adapter follows, each found by its name finder (block, hidden size)
+PLACES: dict[str, tuple[Callable[[nn.Module, int], str], ...]] = {
+    "attention": (_attention,), "mlp": (mlp_output_name,), "both": (_attention, mlp_output_name)}
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
@@ -83,6 +114,18 @@ class Adapter(BaseMethod):
     cannot_merge = "the bottleneck has a non-linearity between its two layers, so it is no linear map to fold into a weight"
     tasks = ("causal_lm",)  # its saved file holds adapter weights only, not a classification head
 
+    @classmethod
+    def refuse_model(cls, arch: Architecture, cfg: Any) -> str | None:
+        """A block without the sublayers ``method.where`` names, found on the meta skeleton."""
+        where = str(cfg.method.get("where", "both"))
+        if where not in PLACES:
+            return None  # the field's choices refuse it
+        try:
+            _places(arch.skeleton, where)
+        except ModelStructureError as missing:
+            return f"{missing}; {_where_hint(arch.skeleton, where)}"
+        return None
+
     def apply(self, model: nn.Module) -> nn.Module:
         c = self.config
         if c.activation not in ACTIVATIONS:
@@ -92,16 +135,15 @@ class Adapter(BaseMethod):
         hidden = model.config.hidden_size
         if not 1 <= c.reduction_factor <= hidden:
             raise ConfigError(f"method.reduction_factor={c.reduction_factor} must be between 1 and the hidden size {hidden}")
+        try:
+            places = _places(model, c.where)
+        except ModelStructureError as missing:
+            raise ModelStructureError(
+                f"method=adapter on {type(model).__name__}: {missing}; {_where_hint(model, c.where)}") from None
         model.requires_grad_(False)
         dtype = _float_dtype(model)
-        for block in decoder_blocks(model):
-            for find in PLACES[c.where]:
-                try:
-                    place = find(block)
-                except ModelStructureError as missing:
-                    raise ModelStructureError(
-                        f"method=adapter on {type(model).__name__}: {missing}; use method.where= with the sublayers it has"
-                    ) from None
+        for block, names in zip(decoder_blocks(model), places):
+            for place in names:
                 sublayer = getattr(block, place)
                 adapter = Bottleneck(hidden, hidden // c.reduction_factor, c.activation, c.dropout, dtype)
                 block.add_module(f"{place}_adapter", adapter.to(_device(sublayer)))
@@ -126,6 +168,25 @@ class Adapter(BaseMethod):
             )
         model.load_state_dict(state, strict=False)
         return model
+
+
+def _places(model: nn.Module, where: str) -> list[list[str]]:
+    """For each decoder block, the names of the sublayers ``where`` puts an adapter after."""
+    hidden = int(model.config.hidden_size)
+    return [[find(block, hidden) for find in PLACES[where]] for block in decoder_blocks(model)]
+
+
+def _where_hint(model: nn.Module, where: str) -> str:
+    """The ``method.where`` choices that the model's blocks do have."""
+    fits = []
+    for choice in PLACES:
+        if choice != where:
+            try:
+                _places(model, choice)
+                fits.append(choice)
+            except ModelStructureError:
+                pass
+    return f"use method.where={' or '.join(fits)}" if fits else "no method.where= fits this model's blocks"
 
 
 def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,13 +14,16 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ftlab.errors import MethodError
 from ftlab.models.quant import QUANT_NAMES
+
+if TYPE_CHECKING:
+    from ftlab.models.architecture import Architecture
 
 __all__ = ["BaseMethod", "MethodConfig", "ObjectiveWithMetrics", "QUANTIZATIONS", "TASKS", "config_fields", "field_default",
            "field_help",
@@ -183,6 +186,15 @@ class BaseMethod:
         checked already; this is for combinations of fields (e.g. DoRA on an int8 base on a CPU)."""
 
     # -- building the model -------------------------------------------------------------------
+    @classmethod
+    def refuse_model(cls, arch: Architecture, cfg: Any) -> str | None:
+        """Why this method cannot train the model ``arch`` describes with this config, or None
+        when it can. Asked before any weight loads (``ftlab.config.validate``): ``arch.config`` is
+        the model's transformers config and ``arch.skeleton`` its module tree on the meta device,
+        which ``ftlab.models.structure`` reads. Name the override that makes it work, where there
+        is one (``set method.target_modules=[...]``); ftlab prefixes the method and the model."""
+        return None
+
     def apply(self, model: nn.Module) -> nn.Module:
         """Inject adapters and/or freeze weights; return the model to train."""
         raise NotImplementedError

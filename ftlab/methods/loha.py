@@ -27,6 +27,7 @@ class LoHa(PeftMethod):
     """LoHa: Hadamard product of two low-rank updates (LyCORIS)."""
 
     Config = LoHaConfig
+    no_conv1d = "LoHa"  # its layers: Linear, Conv1d, Conv2d; GPT-2 (quantization=none) is refused before load
     quantizations = ("none", "int8")  # 4-bit: PEFT's LyCORIS layers misread packed Linear4bit weights
 
     def peft_config(self, model: nn.Module) -> peft.LoHaConfig:

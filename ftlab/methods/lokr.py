@@ -29,6 +29,7 @@ class LoKr(PeftMethod):
     """LoKr: Kronecker product of a small matrix and a low-rank one (LyCORIS)."""
 
     Config = LoKrConfig
+    no_conv1d = "LoKr"  # its layers: Linear, Conv1d, Conv2d; GPT-2 (quantization=none) is refused before load
     quantizations = ("none", "int8")  # 4-bit: PEFT's LyCORIS layers misread packed Linear4bit weights
 
     def peft_config(self, model: nn.Module) -> peft.LoKrConfig:

@@ -36,6 +36,7 @@ class MultitaskPrompt(PromptLearningMethod):
             num_tasks=c.num_tasks,
             num_ranks=c.num_ranks,
             prompt_tuning_init=peft.MultitaskPromptTuningInit.RANDOM,
+            **self.model_sizes(model),
         )
 
     def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ class Oft(PeftMethod):
     """OFT: learned block-diagonal orthogonal rotation of each weight."""
 
     Config = OftConfig
+    no_conv1d = "OFT"  # its layers: Linear, Conv2d, Embedding; GPT-2 (quantization=none) is refused before load
     quantizations = QUANTIZATIONS
 
     def peft_config(self, model: nn.Module) -> peft.OFTConfig:

@@ -39,4 +39,5 @@ class Prompt(PromptLearningMethod):
             prompt_tuning_init=peft.PromptTuningInit.TEXT if text else peft.PromptTuningInit.RANDOM,
             prompt_tuning_init_text=c.init_text if text else None,
             tokenizer_name_or_path=model.config.name_or_path if text else None,
+            **self.model_sizes(model),
         )

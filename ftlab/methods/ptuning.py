@@ -34,4 +34,5 @@ class PTuning(PromptLearningMethod):
             num_virtual_tokens=c.num_virtual_tokens,
             encoder_reparameterization_type=ENCODERS[c.encoder],
             encoder_hidden_size=c.encoder_hidden_size,
+            **self.model_sizes(model),
         )

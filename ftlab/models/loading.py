@@ -33,9 +33,11 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ftlab.errors import ModelLoadError
+from ftlab.models.architecture import model_label
+from ftlab.models.chat_templates import set_chat_template
 from ftlab.models.files import check_model_config
 from ftlab.models.gguf import gguf_checkpoint
-from ftlab.models.quant import bnb_config, cfg_get, keep_standard_4bit_layout, native_bf16, to_dtype
+from ftlab.models.quant import bnb_config, cfg_get, check_quantized, keep_standard_4bit_layout, native_bf16, to_dtype
 from ftlab.models.tiny import tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ def load_model(
     path = checkpoint_path(model_cfg, cache_dir)
     trust = bool(cfg_get(model_cfg, "trust_remote_code", False))
     tokenizer = load_tokenizer(path, trust_remote_code=trust)
+    set_chat_template(tokenizer, cfg_get(model_cfg, "chat_template"), model_label(model_cfg))
     quantization = bnb_config(quant_cfg)
     if quantization is not None and quantization.load_in_4bit:
         _warn_slow_cpu_compute(quantization.bnb_4bit_compute_dtype)
@@ -125,6 +128,8 @@ def load_model(
                 f"quantization=none or a GPU): {type(err).__name__}: {err}"
             ) from err
         raise
+    if quantization is not None:  # a run that claims a 4/8-bit base must have one
+        check_quantized(model, str(cfg_get(quant_cfg, "name")), model_label(model_cfg))
     keep_standard_4bit_layout(model)  # evaluating must never change how the model trains
     if bool(cfg_get(model_cfg, "gradient_checkpointing", False)):
         # non-reentrant checkpointing works with frozen (quantized) inputs and needs no

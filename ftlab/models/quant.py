@@ -108,7 +108,8 @@ def bnb_config(quant_cfg: Any) -> BitsAndBytesConfig | None:
         return None
 
     skip = cfg_get(quant_cfg, "llm_int8_skip_modules", None)
-    skip = list(skip) if skip is not None else None
+    # a list given replaces transformers' default (the output layer), which must stay float: keep it in
+    skip = list(dict.fromkeys([*skip, "lm_head"])) if skip is not None else None
     if want_8bit:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
@@ -226,3 +227,49 @@ def dequantized(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for parent, attribute, layer in layers:
             setattr(parent, attribute, layer)
+
+
+# -- which layers a quantization replaces ---------------------------------------------------------
+
+
+def _replaceable(module: nn.Module) -> bool:
+    """transformers' bitsandbytes integration replaces exactly ``nn.Linear`` and GPT-2's ``Conv1D``
+    (``type(m) is nn.Linear``: a subclass such as Falcon's ``FalconLinear`` is left in float)."""
+    return type(module) is nn.Linear or type(module).__name__ == "Conv1D"
+
+
+def _is_bnb(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("bitsandbytes")
+
+
+def _block_linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    from ftlab.models.structure import decoder_blocks, is_linear
+
+    for block in decoder_blocks(model):
+        for name, module in block.named_modules():
+            if is_linear(module):
+                yield name, module
+
+
+def unquantizable_layers(model: nn.Module) -> list[str]:
+    """Class names of the linear layers in ``model``'s decoder blocks that bitsandbytes cannot
+    replace (``["FalconLinear"]``); works on a meta-device skeleton before anything loads."""
+    return sorted({type(m).__name__ for _, m in _block_linear_layers(model) if not _is_bnb(m) and not _replaceable(m)})
+
+
+def check_quantized(model: nn.Module, quant_name: str, label: str) -> int:
+    """Raise unless loading with ``quantization=quant_name`` replaced the decoder blocks' linear
+    layers (a run that silently trained a float base would claim a QLoRA result it is not);
+    returns how many bitsandbytes layers the blocks hold. Layers named in
+    ``llm_int8_skip_modules`` are the user's choice and stay float."""
+    layers = list(_block_linear_layers(model))
+    quantized = sum(1 for _, m in layers if _is_bnb(m))
+    float_left = sorted({type(m).__name__ for _, m in layers if not _is_bnb(m)})
+    if quantized == 0:
+        shown = ", ".join(float_left) or "no linear layer at all"
+        raise ConfigError(
+            f"quantization={quant_name} replaced no layer of {label}: its decoder blocks hold {shown}, which "
+            "bitsandbytes did not quantize (transformers replaces only nn.Linear and Conv1D); "
+            "use quantization=none for this model"
+        )
+    return quantized

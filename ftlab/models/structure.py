@@ -30,6 +30,13 @@ How each part is found:
 - ``linear_layer_names(model)``: the names, relative to a block, of the linear-like layers in
   the blocks (``nn.Linear`` and its bitsandbytes/Falcon subclasses, GPT-2's ``Conv1D``, a PEFT
   layer wrapping one): what PEFT's ``target_modules`` takes.
+- ``norm_layer_names(model)``: the names, relative to a block, of the norm layers in the blocks
+  (class name containing ``Norm``, at any depth: ``input_layernorm``, OLMo-2's
+  ``self_attn.q_norm``; a PEFT layer wrapping one counts as the norm).
+- ``kv_cache_layout(model)``: how many key/value heads, of what size, the attention writes into
+  the cache: read from the keys the first block's attention hands its cache in a forward pass of
+  a meta-device copy (no weights, no compute), so a stray ``num_key_value_heads`` in a config, or
+  Falcon's single multi-query head, cannot mislead it.
 
 Whatever cannot be found raises ``ftlab.errors.ModelStructureError`` (a ``ConfigError``) naming
 the model's class and the part that is missing.
@@ -37,6 +44,7 @@ the model's class and the part that is missing.
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterator
 
 from torch import nn
@@ -50,11 +58,14 @@ __all__ = [
     "decoder_blocks",
     "final_norm",
     "input_embeddings",
+    "is_linear",
+    "kv_cache_layout",
     "linear_layer_names",
     "lm_head",
     "mlp_module",
     "mlp_name",
     "module_name",
+    "norm_layer_names",
 ]
 
 _ATTENTION_CLASS = ("attention",)
@@ -223,7 +234,9 @@ def mlp_module(block: nn.Module) -> nn.Module:
     return getattr(block, mlp_name(block))
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer: ``nn.Linear`` or a subclass (bitsandbytes' 4/8-bit
+    layers, Falcon's ``FalconLinear``) or GPT-2's ``Conv1D`` (a transposed linear)."""
     if isinstance(module, nn.Linear):  # bitsandbytes' Linear4bit/Linear8bitLt, FalconLinear too
         return True
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None  # GPT-2's
@@ -243,10 +256,94 @@ def linear_layer_names(model: nn.Module) -> list[str]:
             base = getattr(module, "base_layer", None)
             if isinstance(base, nn.Module):
                 wrapped.append(name)
-                if _is_linear(base) and name not in names:
+                if is_linear(base) and name not in names:
                     names.append(name)
-            elif _is_linear(module) and name not in names:
+            elif is_linear(module) and name not in names:
                 names.append(name)
     if not names:
         raise ModelStructureError(f"the decoder blocks of {type(model).__name__} hold no linear layer")
     return names
+
+
+def norm_layer_names(model: nn.Module) -> list[str]:
+    """The names, relative to a block, of the norm layers of the decoder blocks (class name
+    containing ``Norm``, at any depth), in the order of the first block: ``input_layernorm``,
+    ``post_attention_layernorm`` on Llama; ``ln_1``, ``ln_2`` on GPT-2; ``self_attn.q_norm``,
+    ``self_attn.k_norm``, ``post_attention_layernorm``, ``post_feedforward_layernorm`` on OLMo-2.
+    A PEFT layer that wraps one (``base_layer``) counts as the norm; what is inside a norm does
+    not. Empty when the blocks have none; the final norm is ``final_norm(model)``."""
+    names: list[str] = []
+    for block in decoder_blocks(model):
+        found: list[str] = []
+        for name, module in block.named_modules():
+            if not name or any(name.startswith(f + ".") for f in found):
+                continue
+            if _is_norm(module):
+                found.append(name)
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+_CACHE_REACHED = "ftlab: the probe cache received keys"  # the message kv_cache_layout's probe stops with
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when its weights are on the meta device, else a meta-device causal-LM
+    built from its config (no memory, no init)."""
+    import torch
+
+    if all(p.device.type == "meta" for p in model.parameters()):
+        return model
+    from transformers import AutoModelForCausalLM
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ModelStructureError(f"{type(model).__name__} has no transformers config to build a meta-device copy from")
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=bool(getattr(config, "auto_map", None)))
+
+
+def kv_cache_layout(model: nn.Module) -> tuple[int, int]:
+    """``(key/value heads, head size)`` of what the model's attention stores in its key/value
+    cache: ``(num_key_value_heads, head_dim)`` on a GQA Llama, ``(n_head, n_embd // n_head)`` on
+    GPT-2, ``(1, head_dim)`` on a multi-query Falcon (its config says ``multi_query``, not how
+    many heads). Read from the model itself: a two-token forward of a meta-device copy (the model,
+    when its weights are on meta already; else one built from its config) with a cache that stops
+    it at the first ``update`` the first block's attention makes, so nothing is computed.
+
+    Raises ``ModelStructureError`` when the forward hands no keys to the cache (a model without a
+    key/value cache, or one that takes none as ``cache``/``past_key_values``)."""
+    import torch
+    from transformers import DynamicCache
+
+    shapes: list[tuple[int, ...]] = []
+
+    class _Probe(DynamicCache):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object,
+                   **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+            shapes.append(tuple(key_states.shape))
+            raise RuntimeError(_CACHE_REACHED)  # stop the forward here: the shape is all it was for
+
+    skeleton = _meta_copy(_unwrap_peft(model))
+    embeddings = input_embeddings(skeleton)
+    weight = getattr(embeddings, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise ModelStructureError(f"the input embeddings of {type(skeleton).__name__} have no 2-D weight")
+    # embeddings, not ids: no padding check or mask to compute, which meta tensors cannot answer
+    embeds = torch.zeros((1, 2, weight.shape[1]), dtype=weight.dtype, device="meta")
+    name = type(skeleton).__name__
+    # transformers 5 names the argument ``cache`` (``past_key_values`` before, still accepted)
+    argument = "cache" if "cache" in inspect.signature(skeleton.forward).parameters else "past_key_values"
+    try:
+        with torch.no_grad():
+            skeleton(inputs_embeds=embeds, use_cache=True, **{argument: _Probe()})
+    except Exception as err:
+        if shapes and str(err) == _CACHE_REACHED:
+            if len(shapes[0]) != 4:
+                raise ModelStructureError(f"{name}'s attention hands its cache keys of shape {shapes[0]}, not "
+                                          "(batch, heads, tokens, head size)") from None
+            return int(shapes[0][1]), int(shapes[0][3])
+        raise ModelStructureError(f"a forward pass of {name} stopped before its attention wrote keys to the "
+                                  f"cache: {type(err).__name__}: {err}") from err
+    raise ModelStructureError(f"{name} wrote no keys or values to the key/value cache passed as {argument}")

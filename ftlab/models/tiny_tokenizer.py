@@ -19,6 +19,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from ftlab.models.chat_templates import CHATML
+
 TOKENIZER_DIR = Path(__file__).parents[1] / "assets" / "tiny_tokenizer"
 VOCAB_SIZE = 1000
 SEED = 0
@@ -28,15 +30,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]  # ids 0, 1, 2 as in SmolLM2
 
-# SmolLM2's ChatML template without its default system prompt (a tiny model has no name to give):
-# every turn is ``<|im_start|>{role}\n{content}<|im_end|>\n``; the generation prompt opens the
-# assistant turn.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+CHAT_TEMPLATE = CHATML  # SmolLM2's ChatML template without its default system prompt
 
 _WORDS = """
 the be to of and a in that have I it for not on with he as you do at this but his by from they we

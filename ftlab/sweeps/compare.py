@@ -189,20 +189,24 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     higher = [label for key, label, _ in summary if key in OPTIONAL]
     statuses = ["completed", "failed"] + [s for s in UNFINISHED if any(r.get("status") == s for r in rows)]
     seeds = sorted({r.get("seed") for r in rows}, key=str)
+    models = list(dict.fromkeys(str(r["model"]) for r in rows if r.get("model")))
+    by_model = len(models) > 1  # a sweep over models shows each group's model; one model is said once
     lines = [
         f"# Comparison of {len(rows)} runs",
         "",
-        f"Budget: {budget(rows)}. Seeds: {', '.join(map(str, seeds))}. Cells: mean ± std over completed runs.",
+        (f"Model: {models[0]}. " if len(models) == 1 else "")
+        + f"Budget: {budget(rows)}. Seeds: {', '.join(map(str, seeds))}. Cells: mean ± std over completed runs.",
         "Lower val loss is better." + (f" Higher {', '.join(higher)} is better." if higher else "")
         + (" The val loss of an RL method (grpo, ppo) is a surrogate near 0: compare those by mean reward."
            if any(key == "mean_reward" for key, _, _ in summary) else ""),
         "",
-        "| run | " + " | ".join(statuses + [label for _, label, _ in summary]) + " |",
-        "|---|" + "---|" * (len(statuses) + len(summary)),
+        "| run | " + ("model | " if by_model else "") + " | ".join(statuses + [label for _, label, _ in summary]) + " |",
+        "|---|" + "---|" * (len(statuses) + len(summary) + by_model),
     ]
     for g in groups:
         cells = [g.cell(key, fmt) for key, _, fmt in summary]
-        lines.append(f"| {g.label} | " + " | ".join([str(g.count(s)) for s in statuses] + cells) + " |")
+        model = (", ".join(dict.fromkeys(str(r.get("model") or "-") for r in g.rows)) + " | ") if by_model else ""
+        lines.append(f"| {g.label} | {model}" + " | ".join([str(g.count(s)) for s in statuses] + cells) + " |")
     failed = [r for r in rows if r.get("status") in ("failed", "diverged")]
     if failed:
         lines += ["", "Failed runs:", ""]

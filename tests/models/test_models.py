@@ -113,7 +113,7 @@ def test_bnb_config_maps_fields():
     assert nf4.bnb_4bit_compute_dtype == torch.bfloat16
     assert bnb_config({"name": "fp4"}).bnb_4bit_quant_type == "fp4"
     int8 = bnb_config(quant_cfg("int8", llm_int8_skip_modules=["mlp"]))
-    assert int8.load_in_8bit and int8.llm_int8_skip_modules == ["mlp"]
+    assert int8.load_in_8bit and int8.llm_int8_skip_modules == ["mlp", "lm_head"]  # the output layer stays float
 
 
 @pytest.mark.parametrize(

@@ -22,19 +22,22 @@ from omegaconf import OmegaConf
 from ftlab import testing
 from ftlab.models.loading import load_model
 from ftlab.models.tiny import TINY_DEFAULTS
-from ftlab.models.quant import REPACK_SWITCH, keep_standard_4bit_layout
+from ftlab.models.quant import REPACK_SWITCH, cpu_flags, is_cpu_packed, keep_standard_4bit_layout
 from ftlab.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPACKING_CPU = has_avx512bf16() and not torch.cuda.is_available()
+AVX512_BF16 = "avx512_bf16" in cpu_flags() and not torch.cuda.is_available()
+NO_REPACK_HERE = ("bitsandbytes repacks 4-bit weights for CPU inference only on a CPU with AVX512-BF16, and this "
+                  "one's flags (/proc/cpuinfo) lack avx512_bf16: without the repack there is no failure to show")
 
 
 class Repacked(Exception):
     """Raised by a stand-in for bitsandbytes' repack, to see whether a forward would repack."""
 
 
-def _tiny_4bit(cache_dir: Path, quant: str = "nf4") -> torch.nn.Module:
-    model_cfg = OmegaConf.create({"name": "tiny", "kind": "tiny", **TINY_DEFAULTS})
+def _tiny_4bit(cache_dir: Path, quant: str = "nf4", **sizes: int) -> torch.nn.Module:
+    model_cfg = OmegaConf.create({"name": "tiny", "kind": "tiny", **TINY_DEFAULTS, **sizes})
     quant_cfg = OmegaConf.create({"name": quant, "bnb_4bit_use_double_quant": True})
     return load_model(model_cfg, quant_cfg, cache_dir=cache_dir)[0]
 
@@ -119,3 +122,88 @@ def test_evaluating_never_changes_training(method: str, tiny_cfg, tmp_path: Path
     plain = _train_losses(tiny_cfg, tmp_path, method, evaluate=False)
     assert len(evaluated) == 6
     assert evaluated == plain
+
+
+# -- QLoRA on 4-bit layers with biases (GPT-2, Qwen2, OPT, GPT-NeoX) and without (Llama) -------------------------
+
+
+def _qlora(family: str, cache_dir: Path) -> testing.ContractRun:
+    """QLoRA on the tiny ``family`` in nf4, loaded through ftlab's loader (compose, ``load_base``)."""
+    run = testing.quantized_run("qlora", "nf4", overrides=(f"model.family={family}", "method.dropout=0.0"),
+                                cache_dir=cache_dir)
+    biased = [layer for layer in _layers(run.model) if layer.bias is not None]
+    assert bool(biased) == (family != "llama"), f"tiny {family}: 4-bit layers with biases: {len(biased)}"
+    return run
+
+
+def _evaluate_then_train(run: testing.ContractRun) -> dict[str, float]:
+    """What a run does: an eval-mode, no-grad pass (a base score), then training steps; then the
+    gradients reach every adapter and equal the dequantized float model's (``check_quantized_gradients``)."""
+    run.model.eval()
+    with torch.no_grad():
+        run.model(**run.inputs())
+    testing.train_steps(run, 2)
+    grads = testing.gradients(run)
+    adapters = {name: g for name, g in grads.items() if ".lora_" in name}
+    assert adapters and all(g.abs().sum() > 0 for g in adapters.values()), "no gradient reaches some adapters"
+    return testing.check_quantized_gradients(run)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_qlora_trains_after_an_eval_pass_with_and_without_biases(family: str, cache_dir: Path) -> None:
+    run = _qlora(family, cache_dir)
+    worst = _evaluate_then_train(run)
+    assert not any(is_cpu_packed(layer) for layer in _layers(run.model))
+    assert max(worst.values()) <= testing.GRAD_RTOL
+
+
+@pytest.mark.skipif(not AVX512_BF16, reason=NO_REPACK_HERE)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_without_the_guard_an_eval_pass_breaks_qlora_here(family: str, cache_dir: Path) -> None:
+    """The control: the same steps with bitsandbytes' repack switched back on. Biased layers crash
+    in bitsandbytes' packed path (``result += bias`` on a view); unbiased ones train on wrong gradients."""
+    run = _qlora(family, cache_dir)
+    for layer in _layers(run.model):
+        setattr(layer, REPACK_SWITCH, True)
+    if family == "llama":
+        with pytest.raises(AssertionError, match="gradients .*differ from the dequantized float model's"):
+            _evaluate_then_train(run)
+    else:
+        with pytest.raises(RuntimeError, match="a view of a leaf Variable that requires grad"):
+            _evaluate_then_train(run)
+    assert all(is_cpu_packed(layer) for layer in _layers(run.model))
+
+
+# -- 4-bit layers narrower than bitsandbytes' CPU repack takes ------------------------------------------------------
+
+# the repack's layout: out_features in tiles of 32 rows, in_features in whole quantization blocks (64)
+NARROW = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def test_narrow_4bit_layers_evaluate_and_train(cache_dir: Path) -> None:
+    """Layers whose sizes the CPU repack cannot tile (k_proj 32 -> 16, gate_proj 32 -> 48) still
+    evaluate and train: ftlab never lets bitsandbytes repack, so its block-size limits never apply."""
+    model = _tiny_4bit(cache_dir, **NARROW)
+    layers = _layers(model)
+    narrow = [layer for layer in layers if layer.out_features % 32 or layer.in_features % 64]
+    assert narrow and len(narrow) == len(layers)
+    model.eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 5, 9, 4]]))
+    model.train()
+    for layer in layers:
+        x = torch.randn(2, layer.in_features, requires_grad=True)
+        layer(x).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert not any(is_cpu_packed(layer) for layer in layers)
+
+
+@pytest.mark.skipif(not AVX512_BF16, reason=NO_REPACK_HERE)
+def test_narrow_4bit_layers_fail_the_repack_when_it_is_allowed_here(cache_dir: Path) -> None:
+    """The control: with the repack on, an eval-mode pass over k_proj (16 rows: not a whole tile
+    of 32) trips bitsandbytes' block-size assertion."""
+    k_proj = _tiny_4bit(cache_dir, **NARROW).model.layers[0].self_attn.k_proj
+    assert (k_proj.out_features, k_proj.in_features) == (16, 32)
+    setattr(k_proj, REPACK_SWITCH, True)
+    with pytest.raises(AssertionError, match="N must be divisible by block_n"):
+        _eval_forward(k_proj)

@@ -1,8 +1,13 @@
 """ftlab.models.structure finds blocks, final norm, embeddings, head and block sublayers from the
-model itself: on the tiny Llama (as loaded by ``model=tiny``, bare and under PEFT) and on small
-random models of other architectures built in-process from transformers configs (no download)."""
+model itself: on the tiny Llama (as loaded by ``model=tiny``, bare and under PEFT), on small
+random models of other architectures built in-process from transformers configs (no download),
+and on the meta-device skeleton of every architecture family (``ftlab.models.families``), against
+names written by hand from transformers' modeling code."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import peft
 import pytest
@@ -10,7 +15,9 @@ import torch
 import transformers
 from torch import nn
 
+import ftlab
 from ftlab.errors import ConfigError, ModelStructureError
+from ftlab.models.families import FAMILIES
 from ftlab.models.structure import (
     attention_module,
     attention_name,
@@ -64,6 +71,61 @@ EXPECTED = {
 LLAMA = ("model.layers", "model.norm", "model.embed_tokens", "lm_head", "self_attn", "mlp",
          ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
           "mlp.up_proj", "mlp.down_proj"])
+
+
+# Every family's tiny model (``model=tiny model.family=F``), as written by hand from
+# transformers/models/<type>/modeling_<type>.py (transformers 5): the same 7 fields as EXPECTED.
+_ATTN_QKVO = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+_GATED_MLP = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+_LLAMA_LIKE = ("model.layers", "model.norm", "model.embed_tokens", "lm_head", "self_attn", "mlp",
+               _ATTN_QKVO + _GATED_MLP)
+FAMILY_EXPECTED = {
+    "llama": _LLAMA_LIKE,
+    "gpt2": EXPECTED["gpt2"],
+    "gpt_neox": ("gpt_neox.layers", "gpt_neox.final_layer_norm", "gpt_neox.embed_in", "lm_head", "attention", "mlp",
+                 ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
+    # word_embed_proj_dim == hidden_size: no project_in/project_out; the final norm is registered
+    # before the blocks (OPTDecoder.__init__), and the block has no MLP submodule (fc1/fc2)
+    "opt": EXPECTED["opt"],
+    "falcon": EXPECTED["falcon"],  # FalconLinear layers (nn.Linear subclasses)
+    # word_embeddings_layernorm comes before the blocks: the final norm is ln_f
+    "bloom": ("transformer.h", "transformer.ln_f", "transformer.word_embeddings", "lm_head", "self_attention", "mlp",
+              ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
+    "mpt": ("transformer.blocks", "transformer.norm_f", "transformer.wte", "lm_head", "attn", "ffn",
+            ["attn.Wqkv", "attn.out_proj", "ffn.up_proj", "ffn.down_proj"]),
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,  # q_norm/k_norm inside self_attn are norms, not linear layers
+    "mistral": _LLAMA_LIKE,
+    # MixtralSparseMoeBlock: a MixtralTopKRouter (a bare weight Parameter) and MixtralExperts (fused
+    # gate_up_proj/down_proj Parameters): no nn.Linear in the MoE, only the attention projections
+    "mixtral": ("model.layers", "model.norm", "model.embed_tokens", "lm_head", "self_attn", "mlp", _ATTN_QKVO),
+    "phi": ("model.layers", "model.final_layernorm", "model.embed_tokens", "lm_head", "self_attn", "mlp",
+            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"]),
+    # Phi3Attention registers o_proj before qkv_proj
+    "phi3": ("model.layers", "model.norm", "model.embed_tokens", "lm_head", "self_attn", "mlp",
+             ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"]),
+    "gemma": _LLAMA_LIKE,  # embed_tokens is a GemmaTextScaledWordEmbedding
+    "gemma2": _LLAMA_LIKE,
+    "gemma3": _LLAMA_LIKE,  # Gemma3ForCausalLM over Gemma3TextModel (model_type gemma3_text)
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "starcoder2": ("model.layers", "model.norm", "model.embed_tokens", "lm_head", "self_attn", "mlp",
+                   _ATTN_QKVO + ["mlp.c_fc", "mlp.c_proj"]),
+    "granite": _LLAMA_LIKE,
+    "stablelm": _LLAMA_LIKE,
+}
+PRESETS = Path(ftlab.__file__).parent / "conf" / "model"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _family_skeleton(name: str, cache_dir: Path) -> nn.Module:
+    """The family's tiny model (``model=tiny model.family=NAME``) on the meta device: no weights."""
+    from omegaconf import OmegaConf
+
+    from ftlab.models.architecture import architecture
+    from ftlab.models.tiny import TINY_DEFAULTS
+
+    return architecture(OmegaConf.create({"kind": "tiny", "family": name, **TINY_DEFAULTS}), cache_dir).skeleton
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +189,48 @@ def test_other_architectures(kind: str) -> None:
     model = _small(kind)
     assert len(decoder_blocks(model)) == 3
     _check(model, EXPECTED[kind])
+
+
+def test_every_family_has_expected_names() -> None:
+    assert set(FAMILY_EXPECTED) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family(name: str, cache_dir: Path) -> None:
+    model = _family_skeleton(name, cache_dir)
+    assert len(decoder_blocks(model)) == 2  # TINY_DEFAULTS' num_hidden_layers
+    _check(model, FAMILY_EXPECTED[name])
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_each_family_tiny_config_builds_its_model_type(name: str, cache_dir: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from ftlab.models.architecture import architecture
+    from ftlab.models.loading import load_tokenizer
+    from ftlab.models.tiny import TINY_DEFAULTS, TINY_TOKENIZER_DIR, tiny_config
+
+    cfg = OmegaConf.create({"kind": "tiny", "family": name, **TINY_DEFAULTS})
+    assert tiny_config(cfg, load_tokenizer(TINY_TOKENIZER_DIR)).model_type == FAMILIES[name].model_type
+    built = architecture(cfg, cache_dir)
+    assert built.skeleton.config.model_type == FAMILIES[name].model_type
+    assert built.family == name  # family_of_model_type leads back to the family
+
+
+def test_the_families_are_the_model_presets() -> None:
+    from omegaconf import OmegaConf
+
+    # every preset but tiny.yaml (model=tiny model.family=F) is one family's, named after it
+    presets = {p.stem: OmegaConf.load(p) for p in sorted(PRESETS.glob("*.yaml")) if p.stem != "tiny"}
+    assert set(presets) == set(FAMILIES)
+    for stem, preset in presets.items():
+        assert preset.get("family") == stem, f"{stem}.yaml: family={preset.get('family')}"
+        assert preset.get("name") == stem, f"{stem}.yaml: name={preset.get('name')}"
+        source = preset.get("name_or_path")
+        if stem == "llama":  # null: the packaged SmolLM2-135M-Instruct
+            assert source is None
+        else:
+            assert isinstance(source, str) and HUB_ID.fullmatch(source), f"{stem}.yaml: name_or_path={source!r}"
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "opt", "qwen2"])
@@ -210,6 +314,5 @@ def test_freeze_and_adapter_run_on_gpt2() -> None:
     inputs = torch.randint(0, 128, (2, 8))
     assert model(input_ids=inputs, labels=inputs).loss.isfinite()
 
-    with pytest.raises(ConfigError, match=r"method=adapter on OPTForCausalLM: the decoder block OPTDecoderLayer has no "
-                                          r"single MLP .*use method.where="):
-        Adapter(AdapterConfig(name="adapter", where="mlp")).apply(_small("opt"))
+    opt = Adapter(AdapterConfig(name="adapter", where="mlp", reduction_factor=4)).apply(_small("opt"))
+    assert all(hasattr(block, "fc2_adapter") for block in decoder_blocks(opt))  # no MLP module: after fc2
