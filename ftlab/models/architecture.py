@@ -150,15 +150,23 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer() -> Any:
+    """The shipped tiny tokenizer, read once per process (a tiny config is sized to it)."""
+    from ftlab.models.loading import load_tokenizer
+    from ftlab.models.tiny import TINY_TOKENIZER_DIR
+
+    return load_tokenizer(TINY_TOKENIZER_DIR)
+
+
 @functools.lru_cache(maxsize=64)
 def _cached(model_json: str, cache_dir: str) -> Architecture:
-    from ftlab.models.loading import load_tokenizer
-    from ftlab.models.tiny import TINY_TOKENIZER_DIR, tiny_config
+    from ftlab.models.tiny import tiny_config
 
     model_cfg = json.loads(model_json)
     label = model_label(model_cfg)
     if str(model_cfg.get("kind", "pretrained")) == "tiny":
-        config = tiny_config(model_cfg, load_tokenizer(TINY_TOKENIZER_DIR))
+        config = tiny_config(model_cfg, _tiny_tokenizer())
     else:
         config = _pretrained_config(model_cfg, cache_dir, label)
     _encoder_decoder(config, label)

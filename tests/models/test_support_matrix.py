@@ -3,7 +3,7 @@ built-in method x quantization none|nf4 completes (an nf4 run with 4-bit layers)
 one line before loading; never a traceback. docs/models.md shows the table the whole matrix gives.
 
 The whole matrix (~1,000 two-step runs in one process, ~10 minutes) is slow; the quick loop runs
-one unquantized and one quantized adapter method on every family."""
+LoRA on every family and QLoRA on three."""
 
 from __future__ import annotations
 
@@ -25,15 +25,16 @@ def _failures(cells: list[Cell]) -> str:
                        if c.status not in ("completed", "refused"))
 
 
-def test_every_family_trains_lora_and_qlora(tmp_path: Path, cache_dir: Path) -> None:
+def test_every_family_trains_lora_and_qlora_where_it_can(tmp_path: Path, cache_dir: Path) -> None:
+    """LoRA on every family; QLoRA on two families whose linear layers have biases (the case that
+    used to crash after the base score's eval pass) and on Falcon, which must be refused."""
     cells = run_matrix(FAMILIES, ["lora"], ["none"], tmp_path, cache_dir, progress=False)
-    cells += run_matrix(FAMILIES, ["qlora"], ["nf4"], tmp_path, cache_dir, progress=False)
+    cells += run_matrix(["qwen2", "gpt2", "falcon"], ["qlora"], ["nf4"], tmp_path, cache_dir, progress=False)
     assert not _failures(cells), _failures(cells)
     done = {(c.family, c.method) for c in cells if c.status == "completed"}
-    # Falcon's FalconLinear is the one family bitsandbytes cannot quantize: refused, not silently float
-    assert done == {(f, m) for f in FAMILIES for m in ("lora", "qlora")} - {("falcon", "qlora")}
+    assert done == {(f, "lora") for f in FAMILIES} | {("qwen2", "qlora"), ("gpt2", "qlora")}
     falcon = next(c for c in cells if (c.family, c.method) == ("falcon", "qlora"))
-    assert falcon.status == "refused" and "FalconLinear" in falcon.detail
+    assert falcon.status == "refused" and "FalconLinear" in falcon.detail  # not silently float
     assert all(c.quantized_layers for c in cells if c.method == "qlora" and c.status == "completed")
 
 
