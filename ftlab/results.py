@@ -27,22 +27,52 @@ def _current_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resident_mb() -> dict[str, float]:
+    """This process's resident memory now, split as the kernel counts it (``/proc/self/status``):
+    ``anon`` is what the process allocated (tensors, optimizer state, activations), ``file`` the
+    pages of mapped files it touched (safetensors weights read through mmap, shared libraries),
+    which the kernel can drop and read again under pressure. Empty where /proc has no split."""
+    fields = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    found: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in fields:
+                    found[fields[key]] = int(value.split()[0]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return {}
+    return found
+
+
 class PeakMemory:
-    """Peak RSS (and peak GPU memory) while the block runs.
+    """Peak RSS, its anonymous and file-backed parts, and peak GPU memory while the block runs.
 
     Sampled in a thread rather than read from ``ru_maxrss``, because jobs of a sweep share one
     process and the process-wide peak would carry one job's memory into the next one's record.
+    ``peak_anon_mb`` is what a run needs; ``peak_rss_mb`` also counts touched pages of mapped
+    weight files, which can be most of it right after a quantized load and are reclaimable.
     """
 
     def __init__(self, interval_s: float = 0.05) -> None:
         self.interval_s = interval_s
         self.peak_rss_mb = 0.0
+        self.peak_anon_mb: Optional[float] = None
+        self.peak_file_mb: Optional[float] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
+    def _measure(self) -> None:
+        self.peak_rss_mb = max(self.peak_rss_mb, _current_rss_mb())
+        parts = resident_mb()
+        if "anon" in parts:
+            self.peak_anon_mb = max(self.peak_anon_mb or 0.0, parts["anon"])
+        if "file" in parts:
+            self.peak_file_mb = max(self.peak_file_mb or 0.0, parts["file"])
+
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_rss_mb = max(self.peak_rss_mb, _current_rss_mb())
+            self._measure()
             self._stop.wait(self.interval_s)
 
     @property
@@ -54,14 +84,14 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.peak_rss_mb = _current_rss_mb()
+        self._measure()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_rss_mb = max(self.peak_rss_mb, _current_rss_mb())
+        self._measure()
 
 
 def loss_summary(losses: list[float]) -> dict[str, Optional[float]]:

@@ -99,6 +99,8 @@ def train(cfg: DictConfig) -> float:
             finally:
                 record["wall_s"] = round(watch.seconds, 2)
                 record["peak_rss_mb"] = round(memory.peak_rss_mb, 1)
+                record["peak_anon_mb"] = _rounded(memory.peak_anon_mb)  # what the run allocated
+                record["peak_file_mb"] = _rounded(memory.peak_file_mb)  # touched pages of mapped files (weights)
                 record["peak_gpu_mb"] = memory.peak_gpu_mb
                 if rank_zero_only.rank == 0:
                     path = write_metrics(out, record)
@@ -106,6 +108,10 @@ def train(cfg: DictConfig) -> float:
                     if record["status"] == "completed":
                         _drop_checkpoints(cfg, out)
     return objective_value(cfg, record)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def _progress(run: Run | None) -> dict[str, Any]:
@@ -288,6 +294,8 @@ def _base_record(cfg: DictConfig) -> dict[str, Any]:
         "trainable_params": None,
         "total_params": None,
         "peak_rss_mb": None,
+        "peak_anon_mb": None,
+        "peak_file_mb": None,
         "tokens_per_s": None,
         "wall_s": None,
         "max_steps": cfg.trainer.max_steps,

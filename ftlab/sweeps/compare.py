@@ -22,7 +22,7 @@ COLUMNS = [
     "job", "method", "model", "seed", "status", "val_loss", "base_exact_match", "exact_match", "accuracy",
     "precision", "recall", "f1", "base_preference_accuracy", "preference_accuracy", "reward_accuracy",
     "reward_margin", "base_mean_reward", "mean_reward", "val_rewards_accuracy", "val_rewards_margin", "train_loss_first", "train_loss_last",
-    "trainable_params", "total_params", "artifact_mb", "peak_rss_mb", "tokens_per_s", "wall_s", "steps",
+    "trainable_params", "total_params", "artifact_mb", "peak_rss_mb", "peak_anon_mb", "peak_file_mb", "tokens_per_s", "wall_s", "steps",
     "train_tokens", "overrides", "error", "run_dir",
 ]
 # (column, label, format) of the aggregated table
@@ -42,6 +42,7 @@ SUMMARY = [
     ("trainable_params", "trainable params", "{:,.0f}"),
     ("artifact_mb", "saved MB", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:,.0f}"),
+    ("peak_anon_mb", "allocated MB", "{:,.0f}"),  # RSS less touched pages of mapped weight files
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("wall_s", "wall s", "{:.1f}"),
 ]
