@@ -27,18 +27,12 @@ from torch import nn
 
 from ftlab.errors import ConfigError, ModelStructureError
 from ftlab.methods.base import QUANTIZATIONS, BaseMethod, MethodConfig
-from ftlab.models.structure import attention_name, decoder_blocks, is_linear, mlp_name
+from ftlab.models.structure import attention_name, decoder_blocks, linear_features, mlp_name
 
 if TYPE_CHECKING:
     from ftlab.models.architecture import Architecture
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-def _out_features(module: nn.Module) -> int | None:
-    """A linear layer's output size (``nn.Linear``, bitsandbytes' layers; GPT-2's ``Conv1D``: ``nf``)."""
-    size = getattr(module, "out_features", None)
-    return int(size) if size is not None else getattr(module, "nf", None)
 
 
 def mlp_output_name(block: nn.Module, hidden: int) -> str:
@@ -48,7 +42,7 @@ def mlp_output_name(block: nn.Module, hidden: int) -> str:
     try:
         return mlp_name(block)
     except ModelStructureError:
-        outputs = [n for n, c in block.named_children() if is_linear(c) and _out_features(c) == hidden]
+        outputs = [n for n, c in block.named_children() if (f := linear_features(c)) is not None and f[1] == hidden]
         if outputs:
             return outputs[-1]
         raise

@@ -20,7 +20,7 @@ from torch import nn
 
 from ftlab.errors import ModelStructureError
 from ftlab.methods.base import QUANTIZATIONS, MethodConfig
-from ftlab.methods.peft_base import PeftMethod, module_names
+from ftlab.methods.peft_base import PeftMethod, matches_target, module_names
 
 if TYPE_CHECKING:
     from ftlab.models.architecture import Architecture
@@ -56,24 +56,14 @@ def _peft_knows(model_type: str) -> bool:
     return model_type in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
 
 
-def _widths(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) features of a linear layer: ``nn.Linear`` and its bitsandbytes subclasses keep
-    them as attributes; GPT-2's ``Conv1D`` keeps its weight as (in, out)."""
-    if isinstance(module, nn.Linear):
-        return int(module.in_features), int(module.out_features)
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2:
-        return int(weight.shape[0]), int(weight.shape[1])
-    return None
-
-
 def default_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     """``(target_modules, feedforward_modules)`` in PEFT's spirit, found from the model's own
     structure (names relative to a block, as PEFT matches them: ``attn.Wqkv``, ``ffn.down_proj``):
     the attention's keys and values (or its fused projection holding them) and the MLP's output
     projection, which is the feed-forward module. Raises ``ModelStructureError`` saying which
     part was not found."""
-    from ftlab.models.structure import attention_name, decoder_blocks, input_embeddings, linear_layer_names
+    from ftlab.models.structure import (attention_name, decoder_blocks, input_embeddings, linear_features,
+                                        linear_layer_names)
 
     block = decoder_blocks(model)[0]
     attention = attention_name(block)
@@ -96,18 +86,13 @@ def default_targets(model: nn.Module) -> tuple[list[str], list[str]]:
         width = int(input_embeddings(model).weight.shape[-1])
     modules = dict(block.named_modules())
     outside = [n for n in linears if not n.startswith(attention + ".") and n in modules]
-    down = [n for n in outside if (w := _widths(modules[n])) is not None and w[1] == width and w[0] != width]
+    down = [n for n in outside if (w := linear_features(modules[n])) is not None and w[1] == width and w[0] != width]
     if not down:
         raise ModelStructureError(
             f"no MLP output projection (a linear layer outside the attention from a wider layer back to the model "
             f"width {width}) among the linear layers of {type(block).__name__} ({', '.join(outside) or 'none'})"
         )
     return kv + down[-1:], down[-1:]
-
-
-def _matches(name: str, target: str) -> bool:
-    """PEFT's rule for a target-module name in a list: the name itself or a ``.``-suffix of it."""
-    return name == target or name.endswith("." + target)
 
 
 class IA3(PeftMethod):
@@ -149,7 +134,7 @@ class IA3(PeftMethod):
                 else:
                     targets = derived
             else:  # the user's layers; the MLP ones among them are those naming the MLP's output projection
-                feedforward = [t for t in targets if any(_matches(d, t) for d in derived_ff)]
+                feedforward = [t for t in targets if any(matches_target(d, t) for d in derived_ff)]
         return peft.IA3Config(
             task_type=peft.TaskType.CAUSAL_LM,
             target_modules=targets,

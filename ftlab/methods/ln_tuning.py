@@ -17,7 +17,7 @@ from torch import nn
 
 from ftlab.errors import ModelStructureError
 from ftlab.methods.base import QUANTIZATIONS, MethodConfig
-from ftlab.methods.peft_base import PeftMethod, module_names
+from ftlab.methods.peft_base import PeftMethod, matches_target, module_names
 
 if TYPE_CHECKING:
     from ftlab.models.architecture import Architecture
@@ -62,7 +62,7 @@ def default_targets(model: nn.Module) -> list[str]:
         final = None
     if final is not None and _has_weights(final):
         qualified = module_name(model, final)
-        if not any(qualified == t or qualified.endswith("." + t) for t in targets):
+        if not any(matches_target(qualified, t) for t in targets):
             targets.append(qualified)
     if not targets:
         found = [f"{n}: {type(block.get_submodule(n)).__name__}" for n in names]

@@ -36,6 +36,12 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
+def matches_target(name: str, target: str) -> bool:
+    """PEFT's rule for a name in a ``target_modules`` list: the module's name itself or a
+    ``.``-suffix of it (``attn.c_proj`` matches ``transformer.h.0.attn.c_proj``)."""
+    return name == target or name.endswith("." + target)
+
+
 def targeted_modules(config: peft.PeftConfig, model: nn.Module) -> list[str]:
     """The qualified names of the modules of ``model`` that PEFT injects ``config``'s layers into,
     found by PEFT's own rules, so it works on a meta-device skeleton before any weight loads:

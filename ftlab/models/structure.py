@@ -59,6 +59,7 @@ __all__ = [
     "final_norm",
     "input_embeddings",
     "is_linear",
+    "linear_features",
     "kv_cache_layout",
     "linear_layer_names",
     "lm_head",
@@ -240,6 +241,17 @@ def is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):  # bitsandbytes' Linear4bit/Linear8bitLt, FalconLinear too
         return True
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None  # GPT-2's
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a linear layer (``is_linear``): ``nn.Linear`` and its
+    subclasses keep them as attributes, GPT-2's ``Conv1D`` holds its weight as (in, out); None for
+    any other module."""
+    if isinstance(module, nn.Linear):
+        return int(module.in_features), int(module.out_features)
+    if is_linear(module) and module.weight.dim() == 2:
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
