@@ -331,8 +331,9 @@ def _is_list_config(value: Any) -> bool:
 
 # -- the groups written in YAML ---------------------------------------------------------------------------
 
-PRECISIONS = (64, 32, 16, "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
-              "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16")  # what Lightning's Trainer accepts
+LIGHTNING_PRECISIONS = (64, 32, 16, "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed",
+                        "bf16-true", "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16")  # what Lightning's Trainer accepts
+PRECISIONS = ("auto", *LIGHTNING_PRECISIONS)  # auto: ftlab.precision.resolve_precision
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # ftlab.models.quant.DTYPES
 QUANT_NAMES = ("none", "nf4", "fp4", "int8")  # ftlab.models.quant.QUANT_NAMES
 MODEL_KINDS = ("tiny", "pretrained")  # ftlab.models.loading.checkpoint_path
@@ -397,7 +398,8 @@ class TrainerConfig:
     devices: Union[int, str, list[int]] = field(default=1, metadata=_meta(min=1, also={-1: "every device"}))
     strategy: Any = "auto"
     num_nodes: int = field(default=1, metadata=_meta(min=1))
-    precision: Any = field(default="32-true", metadata=_meta(choices=PRECISIONS))
+    precision: Any = field(default="auto", metadata=_meta("auto: bf16-mixed where bf16 is native, else 32-true",
+                                                            choices=PRECISIONS))
     max_steps: int = field(default=100, metadata=_meta("optimizer steps", min=1, also={-1: "no limit"}))
     max_epochs: Optional[int] = field(default=-1, metadata=_meta(min=1, also={-1: "no limit"}))
     val_check_interval: Optional[int] = field(default=50, metadata=_meta("optimizer steps", min=1))

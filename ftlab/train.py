@@ -45,6 +45,7 @@ from ftlab.manifest import data_fingerprint, write_manifest
 from ftlab.sweeps.pruning import OptunaPruning, trial_for_this_job
 from ftlab.models.architecture import model_label
 from ftlab.models.quant import count_quantized_linear
+from ftlab.precision import resolve_precision
 from ftlab.results import PeakMemory, Stopwatch, folder_mb, loss_summary, read_metrics, write_metrics
 from ftlab.evaluation.rewards import RolloutSamples
 from ftlab.evaluation.samples import GenerationSamples
@@ -202,6 +203,7 @@ def fit(run: Run, out: Path, ckpt: Path | None = None, signals: SignalGuard | No
         "total_params": run.total_params,
         "quantized_linear": count_quantized_linear(run.model),
         "steps": trainer.global_step,
+        "train_precision": str(trainer.precision),  # what trained (trainer.precision=auto resolved)
         "val_loss": _metric(trainer, "val/loss"),
         "train_losses": [round(x, 6) for x in run.module.train_losses],
         **loss_summary(run.module.train_losses),
@@ -263,6 +265,7 @@ def _trainer(cfg: DictConfig, callbacks: list, loggers: list) -> tuple[pl.Traine
         enable_checkpointing=checkpointing,
         plugins=[AtomicCheckpointIO()] if checkpointing else None,
         val_check_interval=interval * accumulate,  # Lightning counts batches, ftlab counts steps
+        precision=resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator")),
     )
     return trainer, max_steps > 0 and max_steps % interval != 0
 

@@ -63,8 +63,8 @@ def _error(overrides: list[str], kind: type[Exception] = FtlabError, multirun: b
      ["trainer.accumulate_grad_batches=1"]),
     ("trainer.val_check_interval=0.5", "trainer.val_check_interval=0.5: expected an integer >= 1 or null",
      ["trainer.val_check_interval=1", "trainer.val_check_interval=null"]),
-    ("trainer.precision=bf17", "trainer.precision=bf17: expected one of: 64 | 32 | 16 | transformer-engine",
-     ["trainer.precision=bf16-mixed", "trainer.precision=16"]),
+    ("trainer.precision=bf17", "trainer.precision=bf17: expected one of: auto | 64 | 32 | 16 | transformer-engine",
+     ["trainer.precision=bf16-mixed", "trainer.precision=16", "trainer.precision=auto"]),
     ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches=1.5: expected an integer >= 0 (batches)",
      ["trainer.limit_val_batches=1.0", "trainer.limit_val_batches=0", "trainer.limit_val_batches=7"]),
     ("trainer.enable_progress_bar=1", "trainer.enable_progress_bar=1: expected true or false",
@@ -373,11 +373,11 @@ def test_a_spec_describes_itself() -> None:
 def test_precisions_are_lightnings() -> None:
     import pytorch_lightning as pl
 
-    from ftlab.schema import PRECISIONS
+    from ftlab.schema import LIGHTNING_PRECISIONS
 
     hint = typing.get_type_hints(pl.Trainer.__init__)["precision"]
     accepted = {a for m in typing.get_args(hint) for a in typing.get_args(m)}
-    assert set(PRECISIONS) == accepted
+    assert set(LIGHTNING_PRECISIONS) == accepted
 
 
 def test_names_the_schema_repeats_match_their_sources() -> None:

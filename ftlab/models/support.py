@@ -33,7 +33,7 @@ TABLE_END = "<!-- support-table:end -->"
 
 # two optimizer steps with a validation pass and a short generation score: every path a run takes
 RUN_SETTINGS = (
-    "logger=none", "callbacks=none", "trainer.max_steps=2", "trainer.val_check_interval=2",
+    "logger=none", "callbacks=none", "trainer.precision=32-true", "trainer.max_steps=2", "trainer.val_check_interval=2",
     "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "data.num_train=16", "data.num_val=8",
     "data.batch_size=4", "eval.num_prompts=2", "eval.num_samples=0", "eval.max_new_tokens=8",
     "checkpoint.every_n_steps=100",
