@@ -13,6 +13,7 @@ from torch import nn
 
 from ftlab.errors import ConfigError
 from ftlab.methods.base import QUANTIZATIONS, MethodConfig
+from ftlab.methods.lm_loss import causal_lm_loss
 from ftlab.methods.peft_base import PeftMethod, module_names
 
 
@@ -84,8 +85,9 @@ class AdaLora(PeftMethod):
         model.base_model.update_and_allocate(global_step)
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Training: the LM loss plus PEFT's orthogonality regulariser. Validation: the LM loss
-        alone, so val/loss compares with every other method's."""
+        """Training: the LM loss plus PEFT's orthogonality regulariser (added by PEFT's forward when
+        it gets labels, so all logits are computed). Validation: the LM loss alone, so val/loss
+        compares with every other method's."""
         if model.training:
-            return super().loss(model, batch)
-        return model.base_model.model(**self.model_inputs(batch)).loss
+            return model(**self.model_inputs(batch)).loss
+        return causal_lm_loss(model.base_model.model, self.model_inputs(batch))

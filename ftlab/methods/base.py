@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import MethodError
+from ftlab.methods.lm_loss import causal_lm_loss
 from ftlab.models.quant import QUANT_NAMES
 
 if TYPE_CHECKING:
@@ -215,8 +216,10 @@ class BaseMethod:
         return dict(batch)
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The training objective; the default is the causal LM loss over labelled tokens."""
-        return model(**self.model_inputs(batch)).loss
+        """The training objective; the default is the causal LM loss over labelled tokens
+        (``model(**batch).loss``, with the vocabulary projected at labelled positions only:
+        ``ftlab.methods.lm_loss``)."""
+        return causal_lm_loss(model, self.model_inputs(batch))
 
     def validation_metrics(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The metrics of one validation batch (model in eval mode, gradients off), each a number or
