@@ -37,7 +37,15 @@ from ftlab.models.architecture import model_label
 from ftlab.models.chat_templates import set_chat_template
 from ftlab.models.files import check_model_config
 from ftlab.models.gguf import gguf_checkpoint
-from ftlab.models.quant import bnb_config, cfg_get, check_quantized, keep_standard_4bit_layout, native_bf16, to_dtype
+from ftlab.models.quant import (
+    bnb_config,
+    cfg_get,
+    check_quantized,
+    keep_standard_4bit_layout,
+    native_bf16,
+    release_unused_pages,
+    to_dtype,
+)
 from ftlab.models.tiny import tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -130,6 +138,7 @@ def load_model(
         raise
     if quantization is not None:  # a run that claims a 4/8-bit base must have one
         check_quantized(model, str(cfg_get(quant_cfg, "name")), model_label(model_cfg))
+        release_checkpoint(model)
     keep_standard_4bit_layout(model)  # evaluating must never change how the model trains
     if bool(cfg_get(model_cfg, "gradient_checkpointing", False)):
         # non-reentrant checkpointing works with frozen (quantized) inputs and needs no
@@ -141,6 +150,16 @@ def load_model(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     return model, tokenizer
+
+
+def release_checkpoint(model: nn.Module) -> None:
+    """Unmap the pages of the checkpoint a quantized model was read from that it no longer reads
+    (``release_unused_pages``): mapped, every page quantization read stays resident (3.5 GB of a
+    0.98B Llama's float32 file against 0.5 GB of NF4 weights). The float leftovers (embedding,
+    norms) stay mapped, uncopied. An unquantized model reads all of its mapped weights: kept."""
+    released = release_unused_pages(model)
+    if released:
+        log.info("unmapped %.0f MB of the checkpoint that the quantized model no longer reads", released / 2**20)
 
 
 @contextlib.contextmanager
