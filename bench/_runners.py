@@ -20,7 +20,7 @@ The three tools train the same thing:
 - the same adapter and optimizer: LoRA r/alpha/dropout on all linear layers, torch AdamW at a
   constant learning rate (no warm-up, no weight decay), gradient clipping at norm 1.0, no
   gradient checkpointing (TRL's default of gradient checkpointing on and bf16 on is overridden to
-  match the setting), the seed set before the model loads.
+  match the setting, except in the ``defaults`` settings), the seed set before the model loads.
 
 Layouts: ``padded`` right-pads each batch; ``packed`` is ftlab's ``data.packing=true``, the plain
 loop on the same packed rows (position ids restarting per example, no attention mask), and TRL's
@@ -32,7 +32,9 @@ Everything runs on the CPU (ftlab ``trainer.accelerator=cpu``, TRL ``use_cpu=Tru
 
 Precision: ``fp32`` trains in float32 (ftlab ``trainer.precision=32-true``), ``bf16`` under bf16
 autocast (``trainer.precision=bf16-mixed``, TRL ``bf16=True``, ``torch.autocast`` in the plain
-loop) with float32 weights.
+loop) with float32 weights. ``defaults`` (``lora-defaults-padded``, ``qlora-defaults-padded``) runs
+each tool as it comes: ftlab with ``trainer.precision=auto`` (bf16-mixed where bf16 is native),
+TRL with its ``SFTConfig`` defaults (bf16 on, gradient checkpointing on), the plain loop in float32.
 
 ftlab runs through ``ftlab.train.train(cfg)``, the function ``python -m ftlab`` runs, with the
 composed config of those overrides; for the timing its validation, generation scoring,
@@ -77,8 +79,11 @@ class Setting:
         return f"{'qlora' if self.quant == 'nf4' else 'lora'}-{self.precision}-{self.layout}"
 
 
-SETTINGS = {s.name: s for s in (Setting(q, p, lay) for q in ("none", "nf4") for p in ("fp32", "bf16")
-                                 for lay in ("padded", "packed"))}
+SETTINGS = {s.name: s for s in (*(Setting(q, p, lay) for q in ("none", "nf4") for p in ("fp32", "bf16")
+                                   for lay in ("padded", "packed")),
+                                 # each tool as it comes: ftlab trainer.precision=auto; TRL's SFTConfig
+                                 # defaults (bf16 on, gradient checkpointing on); the plain loop in fp32
+                                 *(Setting(q, "defaults", "padded") for q in ("none", "nf4")))}
 
 
 @dataclass
@@ -121,11 +126,13 @@ def ftlab_overrides(spec: Spec, output_dir: str) -> list[str]:
         f"method.alpha={spec.alpha}", f"method.dropout={spec.dropout}", "method.target_modules=all-linear",
         f"data.batch_size={spec.batch_size}", f"data.max_length={spec.max_length}", f"data.num_train={spec.num_train}",
         "data.num_val=16", f"data.packing={str(s.layout == 'packed').lower()}",
-        f"trainer.precision={'bf16-mixed' if s.precision == 'bf16' else '32-true'}", f"trainer.max_steps={spec.steps}",
+        f"trainer.max_steps={spec.steps}",
         "trainer.gradient_clip_val=1.0", "trainer.enable_checkpointing=false", "trainer.limit_val_batches=0",
         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=none", "callbacks=none", "eval.generate=false",
         "eval.num_samples=0", "save_model=false", f"seed={spec.seed}", f"paths.output_dir={output_dir}",
     ]
+    if s.precision != "defaults":  # defaults: trainer.precision=auto decides
+        out.append(f"trainer.precision={'bf16-mixed' if s.precision == 'bf16' else '32-true'}")
     if spec.cache_dir:
         out.append(f"paths.cache_dir={spec.cache_dir}")
     return out
@@ -374,8 +381,9 @@ def run_trl(spec: Spec, data: dict[str, Any]) -> dict[str, Any]:
         args = SFTConfig(
             output_dir=out, max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
             learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=1.0, optim="adamw_torch", bf16=spec.cfg.precision == "bf16", fp16=False,
-            gradient_checkpointing=False, max_length=None if packed else spec.max_length, padding_free=packed, packing=False,
+            max_grad_norm=1.0, optim="adamw_torch", fp16=False,
+            bf16=None if spec.cfg.precision == "defaults" else spec.cfg.precision == "bf16",  # None: TRL's default
+            gradient_checkpointing=spec.cfg.precision == "defaults",  # TRL's default is on max_length=None if packed else spec.max_length, padding_free=packed, packing=False,
             train_sampling_strategy="sequential", seed=spec.seed, data_seed=spec.seed, report_to="none",
             save_strategy="no", eval_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
         )
