@@ -27,6 +27,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
     from ftlab.build import (CONNECT_KWARGS, final_scores, generation_records, pair_records, reward_records, score_base,
                              score_base_preference, score_base_reward)
     from ftlab.module import FineTuneModule
+    from ftlab.precision import resolve_precision
     from ftlab.results import write_json
     from ftlab.deploy.run_loading import open_run
 
@@ -43,8 +44,11 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
     if method.batch_kind == "prompt":
         method.use_data(tokenizer, datamodule.train_records, datamodule.val_records)
     module = FineTuneModule(model, method, optimizer=None, labels=labels)  # type: ignore[arg-type]
+    # the run's own precision (trainer.precision=auto resolves as it did in training), so that
+    # val_loss is the number training recorded for the same model and data
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), "auto")
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=True, enable_model_summary=False)
+                         enable_progress_bar=True, enable_model_summary=False, precision=precision)
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
 
     result: dict[str, Any] = {
