@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-from ftlab.models.quant import cpu_flags
+from ftlab.models.quant import native_bf16
 
 AUTO = "auto"
-BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def training_device(accelerator: Any) -> str:
@@ -28,18 +27,9 @@ def training_device(accelerator: Any) -> str:
     return "cuda" if name in ("gpu", "cuda") else name
 
 
-def bf16_is_native(device: str) -> bool:
-    """Whether bf16 matmuls run at full speed on ``device`` (``cuda`` or ``cpu``)."""
-    if device == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device == "cpu":
-        return bool(cpu_flags() & BF16_CPU_FLAGS)
-    return False
-
-
 def resolve_precision(precision: Any, accelerator: Any = AUTO) -> Any:
     """Lightning's precision for ``trainer.precision``: ``auto`` becomes ``bf16-mixed`` where bf16
     is native on the training device and ``32-true`` elsewhere; other values are kept."""
     if str(precision).lower() != AUTO:
         return precision
-    return "bf16-mixed" if bf16_is_native(training_device(accelerator)) else "32-true"
+    return "bf16-mixed" if native_bf16(training_device(accelerator)) else "32-true"

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftlab import precision
+from ftlab.models import quant
 from ftlab.precision import resolve_precision
 
 
 def fake_machine(monkeypatch: pytest.MonkeyPatch, flags: set[str], cuda: bool = False, cuda_bf16: bool = False) -> None:
-    monkeypatch.setattr(precision, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(quant, "cpu_flags", lambda: set(flags))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
 
