@@ -14,7 +14,9 @@ class TokenThroughput(pl.Callback):
     """Logs ``train/tokens_per_s``: real (non-padding) tokens processed per second of training.
 
     Counts real tokens (``attention_mask`` ones, or the packed examples), so padding does not inflate the number, and times only the
-    training batches (validation and start-up are excluded).
+    training batches (validation and start-up are excluded). ``tokens`` are this rank's; the logged
+    rate assumes every rank runs as many, and the run record sums the ranks' own counts
+    (``ftlab.ranks.across_ranks``).
     """
 
     def __init__(self) -> None:
@@ -35,5 +37,6 @@ class TokenThroughput(pl.Callback):
         self.seconds += time.perf_counter() - self._start
         rollout = getattr(getattr(pl_module, "method", None), "last_step_tokens", None)  # an RL method's rollouts
         count = rollout if rollout is not None else real_tokens(batch) if isinstance(batch, dict) else 0
-        self.tokens += count * trainer.world_size
-        pl_module.log("train/tokens_per_s", self.tokens_per_s, on_step=True, prog_bar=True, rank_zero_only=True)
+        self.tokens += count
+        pl_module.log("train/tokens_per_s", self.tokens_per_s * trainer.world_size, on_step=True, prog_bar=True,
+                      rank_zero_only=True)

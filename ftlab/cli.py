@@ -86,7 +86,8 @@ def _resume_sweep_dir(args: Sequence[str]) -> list[str]:
     given = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
     if "resume=true" not in overrides or any(o.startswith(given) for o in overrides):
         return []
-    wanted = sorted(o for o in overrides if not o.startswith("resume="))
+    # Hydra keeps hydra/launcher=..., hydra.launcher.*=... out of a sweep's task overrides
+    wanted = sorted(o for o in overrides if not o.startswith("resume=") and not _is_hydra_override(o))
     if multirun:
         found = [(c.parent, OmegaConf.load(c).hydra.overrides.task) for c in sorted(SWEEP_ROOT.glob("*/multirun.yaml"), reverse=True)]
     else:
@@ -101,6 +102,11 @@ def _resume_sweep_dir(args: Sequence[str]) -> list[str]:
             return [f"{given}{folder}"]
     print(f"ftlab: resume=true but no earlier {what} ran these overrides; starting a new {what}", file=sys.stderr)
     return []
+
+
+def _is_hydra_override(override: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
 
 
 def methods(args: Sequence[str]) -> None:

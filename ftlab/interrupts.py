@@ -1,5 +1,6 @@
 """SIGINT and SIGTERM stop a run cleanly: at the next batch boundary, with a checkpoint, a record
-(``status: interrupted``) and the shell's exit status for the signal (130, 143).
+(``status: interrupted``) and the shell's exit status for the signal (130, 143); so does SIGUSR2 in
+a SLURM job, submitit's warning that the time limit is near.
 
 Schedulers and ``docker stop`` send SIGTERM and, after a grace period, SIGKILL; Ctrl-C sends
 SIGINT. During training Lightning's own SIGTERM handler sets its stop flag
@@ -11,6 +12,7 @@ or one that arrives before training started (while the model loads), stops the r
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -25,6 +27,12 @@ __all__ = ["Interrupted", "SignalGuard"]
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def guarded_signals() -> tuple[signal.Signals, ...]:
+    """SIGINT and SIGTERM; in a SLURM job also SIGUSR2, which submitit (``hydra/launcher=submitit_slurm``)
+    sends ahead of the job's time limit: the run then stops with a checkpoint before SLURM kills it."""
+    return (*SIGNALS, signal.SIGUSR2) if os.environ.get("SLURM_JOB_ID") else SIGNALS
+
+
 class SignalGuard(pl.Callback):
     """Catches SIGINT/SIGTERM for the length of a ``with`` block (main thread only) and, as a
     Lightning callback, turns the first one during ``fit`` into Lightning's stop flag."""
@@ -37,7 +45,7 @@ class SignalGuard(pl.Callback):
 
     def __enter__(self) -> "SignalGuard":
         if threading.current_thread() is threading.main_thread():
-            for signum in SIGNALS:
+            for signum in guarded_signals():
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

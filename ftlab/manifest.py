@@ -99,8 +99,11 @@ def environment() -> dict[str, Any]:
 
 
 def write_manifest(out: Path, cfg: DictConfig, overrides: list[str], data: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``out/manifest.json`` (atomically)."""
+    """Write ``out/manifest.json`` (atomically; rank 0 alone)."""
+    from ftlab.ranks import check_rank_zero
     from ftlab.results import write_json
+
+    check_rank_zero(MANIFEST_FILE)
 
     manifest = {
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],

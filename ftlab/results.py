@@ -125,7 +125,10 @@ def write_json(path: Path, obj: dict[str, Any]) -> Path:
 
 
 def write_metrics(directory: Path, metrics: dict[str, Any]) -> Path:
-    """Write the run record ``metrics.json`` (atomically)."""
+    """Write the run record ``metrics.json`` (atomically; rank 0 alone)."""
+    from ftlab.ranks import check_rank_zero
+
+    check_rank_zero(METRICS_FILE)
     return write_json(Path(directory) / METRICS_FILE, metrics)
 
 

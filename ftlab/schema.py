@@ -452,6 +452,9 @@ class QuantizationConfig:
     bnb_4bit_quant_type: str = field(default="nf4", metadata=_meta(choices=("nf4", "fp4")))
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: str = field(default="auto", metadata=_meta(check=_compute_dtype))
+    bnb_4bit_quant_storage: str = field(default="uint8", metadata=_meta(
+        "the dtype 4-bit weights are packed in; FSDP and ZeRO-3 need model.dtype",
+        choices=("uint8", "bfloat16", "float16", "float32")))
     llm_int8_skip_modules: Optional[list[str]] = None
 
 

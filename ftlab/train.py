@@ -46,6 +46,9 @@ from ftlab.sweeps.pruning import OptunaPruning, trial_for_this_job
 from ftlab.models.architecture import model_label
 from ftlab.models.quant import count_quantized_linear
 from ftlab.precision import resolve_precision
+from ftlab.config import task_of
+from ftlab.ranks import across_ranks, check_rank_zero
+from ftlab.strategies import build_strategy, gathered_state_dict, shards_weights, writes_through_checkpoint_io
 from ftlab.results import PeakMemory, Stopwatch, folder_mb, loss_summary, read_metrics, write_metrics
 from ftlab.evaluation.rewards import RolloutSamples
 from ftlab.evaluation.samples import GenerationSamples
@@ -82,7 +85,7 @@ def train(cfg: DictConfig) -> float:
                 record["architecture"] = getattr(run.model.config, "model_type", None)
                 if rank_zero_only.rank == 0:
                     write_manifest(out, cfg, record.get("overrides", []), data=data_fingerprint(run.datamodule))
-                record.update(fit(run, out, ckpt, signals))
+                record.update(fit(run, out, ckpt, signals, memory))
                 record["status"] = "pruned" if record.get("pruned_at_step") is not None else "completed"
             except (SIGTERMException, Interrupted) as exc:
                 signum = signals.received or getattr(exc, "signum", signal.SIGTERM)
@@ -103,6 +106,7 @@ def train(cfg: DictConfig) -> float:
                 record["peak_anon_mb"] = _rounded(memory.peak_anon_mb)  # what the run allocated
                 record["peak_file_mb"] = _rounded(memory.peak_file_mb)  # touched pages of mapped files (weights)
                 record["peak_gpu_mb"] = memory.peak_gpu_mb
+                _peaks_over_ranks(record, memory)
                 if rank_zero_only.rank == 0:
                     path = write_metrics(out, record)
                     log.info("run record: %s (status: %s)", path, record["status"])
@@ -127,7 +131,11 @@ def _progress(run: Run | None) -> dict[str, Any]:
 def _interrupted_message(record: dict[str, Any], out: Path, checkpoint: Path | None) -> str:
     where = f"at step {record['steps']}" if record.get("steps") is not None else "before training started"
     kept = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint yet"
-    again = " ".join(["python -m ftlab", *[a for a in sys.argv[1:] if not a.startswith("resume=")], "resume=true"])
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # a job of a sweep (its command line may be a launcher's, e.g. submitit's): the sweep goes on as a whole
+        again = "the sweep's command again with resume=true (completed jobs are skipped)"
+    else:
+        again = " ".join(["python -m ftlab", *[a for a in sys.argv[1:] if not a.startswith("resume=")], "resume=true"])
     return f"interrupted by {record['signal']} {where} ({kept}); run record {out / 'metrics.json'}; to continue: {again}"
 
 
@@ -158,10 +166,17 @@ def _prunable(cfg: DictConfig) -> bool:
     return name == "val_loss"
 
 
-def fit(run: Run, out: Path, ckpt: Path | None = None, signals: SignalGuard | None = None) -> dict[str, Any]:
+def fit(run: Run, out: Path, ckpt: Path | None = None, signals: SignalGuard | None = None,
+        memory: PeakMemory | None = None) -> dict[str, Any]:
     """Train (from checkpoint ``ckpt`` when given), validate at the end, save the artifact; return
-    the metrics for the run record. ``signals`` turns SIGINT/SIGTERM into a stop at the next step."""
+    the metrics for the run record. ``signals`` turns SIGINT/SIGTERM into a stop at the next step.
+
+    With several processes every rank trains and validates; the numbers all ranks contribute to
+    (tokens, losses, memory) are combined in one collective, a sharded model's weights gathered in
+    another, and then rank 0 alone scores, saves and returns the record (the others return
+    theirs for form's sake; ``train`` writes nothing from them)."""
     cfg = run.cfg
+    sharded = shards_weights(cfg)
     throughput = TokenThroughput()  # always on: tokens/s belongs in every run record
     callbacks = [throughput, *_instantiate_all(cfg.get("callbacks"))]
     if signals is not None:
@@ -172,12 +187,15 @@ def fit(run: Run, out: Path, ckpt: Path | None = None, signals: SignalGuard | No
     if cfg.trainer.get("enable_checkpointing", True):
         callbacks += checkpoint_callbacks(cfg, out)
     records = generation_records(cfg, run.datamodule)
-    if records and int(cfg.eval.num_samples) > 0:
+    if sharded and int(cfg.eval.num_samples) > 0:  # rank 0 alone cannot run a model whose weights are sharded
+        log.info("trainer.strategy shards the weights: no samples during training; the scores after it come "
+                 "from the saved %s", run.method.artifact)
+    if records and int(cfg.eval.num_samples) > 0 and not sharded:
         callbacks.append(GenerationSamples(records, run.tokenizer, num_samples=int(cfg.eval.num_samples),
                                            max_new_tokens=cfg.eval.max_new_tokens, out_file=out / SAMPLES_FILE,
                                            checker=cfg.eval.checker))
     prompts = reward_records(cfg, run.datamodule)
-    if prompts and int(cfg.eval.num_samples) > 0:  # an RL method: sampled answers with their rewards
+    if prompts and int(cfg.eval.num_samples) > 0 and not sharded:  # an RL method: sampled answers with their rewards
         m = cfg.method
         callbacks.append(RolloutSamples(prompts, run.tokenizer, run.method.reward_fn, num_prompts=int(cfg.eval.num_samples),
                                         num_generations=min(2, int(m.num_generations)), temperature=float(m.temperature),
@@ -190,7 +208,7 @@ def fit(run: Run, out: Path, ckpt: Path | None = None, signals: SignalGuard | No
     loggers = _instantiate_all(cfg.get("logger"))
     if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer, final_validation = _trainer(cfg, callbacks, loggers)
+    trainer, final_validation = _trainer(cfg, callbacks, loggers, run.model)
     with warnings.catch_warnings():  # ResumableLoader continues mid-epoch, which Lightning cannot see
         warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
@@ -198,35 +216,81 @@ def fit(run: Run, out: Path, ckpt: Path | None = None, signals: SignalGuard | No
     if final_validation:
         trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
 
+    # every rank: the numbers all ranks contribute to, then (sharded strategies) the whole weights
+    ranks = across_ranks(trainer, tokens=throughput.tokens, seconds=throughput.seconds, losses=run.module.train_losses,
+                         memory=memory, batch_size=int(cfg.data.batch_size))
+    state = gathered_state_dict(trainer, run.model)
     result: dict[str, Any] = {
         "trainable_params": run.trainable_params,
         "total_params": run.total_params,
         "quantized_linear": count_quantized_linear(run.model),
         "steps": trainer.global_step,
         "train_precision": str(trainer.precision),  # what trained (trainer.precision=auto resolved)
-        "val_loss": _metric(trainer, "val/loss"),
-        "train_losses": [round(x, 6) for x in run.module.train_losses],
-        **loss_summary(run.module.train_losses),
-        "tokens_per_s": round(throughput.tokens_per_s, 1),
-        "train_tokens": throughput.tokens,
+        "val_loss": _metric(trainer, "val/loss"),  # validation is reduced over every rank's share
+        **ranks,
+        **loss_summary(ranks["train_losses"]),
         # the last value of each metric the method logged during training (BaseMethod.log)
         "method_metrics": dict(run.module.method_metrics),
     }
     result.update(validation_record(trainer, run.module.validation_names))
     if pruning is not None:
         result["pruned_at_step"] = pruning.pruned_at_step
+    if not trainer.is_global_zero:  # the scores and the saved model are rank 0's to make, once
+        return result
     result["data"] = run.datamodule.summary()
-    result.update(final_scores(cfg, run.model, run.tokenizer, run.method,
+    saved = None
+    if cfg.save_model or sharded:
+        saved = _save(run, out / run.method.artifact if cfg.save_model else out / ".gathered", state)
+        if cfg.save_model:
+            result["saved"] = str(saved)
+            result["artifact_mb"] = round(folder_mb(saved, "*.safetensors"), 3)
+            log.info("saved %s to %s", run.method.artifact, saved)
+    # a sharded model cannot generate on rank 0 alone: the scores come from the saved weights on a fresh base
+    model = _reloaded(run, saved) if sharded else run.model
+    result.update(final_scores(cfg, model, run.tokenizer, run.method,
                                classification=run.module.classification_metrics, records=records,
                                base_score=run.base_score, pairs=pair_records(cfg, run.datamodule),
                                base_preference=run.base_preference, prompts=prompts, base_reward=run.base_reward))
-    if cfg.save_model and trainer.is_global_zero:
-        saved = run.method.save(run.model, out / run.method.artifact)
-        run.tokenizer.save_pretrained(saved)
-        result["saved"] = str(saved)
-        result["artifact_mb"] = round(folder_mb(saved, "*.safetensors"), 3)
-        log.info("saved %s to %s", run.method.artifact, saved)
+    if saved is not None and not cfg.save_model:
+        shutil.rmtree(saved, ignore_errors=True)
     return result
+
+
+def _save(run: Run, directory: Path, state: dict[str, Any] | None) -> Path:
+    """The method's artifact in HF format, written whole or not at all: into a fresh folder beside
+    ``directory``, renamed into place once complete (a crash leaves the previous one, or none)."""
+    check_rank_zero(str(directory))
+    partial = directory.with_name(f".{directory.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    saved = run.method.save(run.model, partial) if state is None else run.method.save(run.model, partial, state_dict=state)
+    run.tokenizer.save_pretrained(saved)
+    if directory.exists():
+        shutil.rmtree(directory)
+    saved.rename(directory)
+    return directory
+
+
+def _reloaded(run: Run, saved: Path) -> Any:
+    """The trained model rebuilt in this process from its saved artifact, as ``ftlab eval`` does."""
+    from ftlab.build import load_base
+
+    labels = run.datamodule.labels if task_of(run.cfg) == "classification" else None
+    method, base, _ = load_base(run.cfg, labels=labels)
+    return method.load(base, saved).eval()
+
+
+def _peaks_over_ranks(record: dict[str, Any], memory: PeakMemory) -> None:
+    """With several ranks the top-level peaks are the largest rank's (rank 0's measured to the end)."""
+    per_rank = record.get("memory_per_rank")
+    if not per_rank or int(record.get("world_size") or 1) <= 1:
+        return
+    for name, entry in per_rank.items():
+        mine = getattr(memory, name, None)
+        if mine is not None and entry["ranks"]:
+            entry["ranks"][0] = round(max(mine, entry["ranks"][0] or 0.0), 1)
+        known = [v for v in entry["ranks"] if v is not None]
+        entry["max"], entry["sum"] = round(max(known), 1), round(sum(known), 1)
+        record[name] = entry["max"]
 
 
 def validation_record(trainer: pl.Trainer, names: list[str]) -> dict[str, Any]:
@@ -249,21 +313,24 @@ def _completed_record(out: Path) -> dict[str, Any] | None:
     return record if record.get("status") == "completed" else None
 
 
-def _trainer(cfg: DictConfig, callbacks: list, loggers: list) -> tuple[pl.Trainer, bool]:
+def _trainer(cfg: DictConfig, callbacks: list, loggers: list, model: Any = None) -> tuple[pl.Trainer, bool]:
     """Instantiate the Trainer, validating every ``val_check_interval`` optimizer steps and
-    always at the end (returns whether a validation after ``fit`` is needed for that)."""
+    always at the end (returns whether a validation after ``fit`` is needed for that); the
+    strategy gets what only the ``model`` tells (FSDP's decoder-layer class)."""
     max_steps = int(cfg.trainer.max_steps)
     interval = int(cfg.trainer.val_check_interval or max_steps)
     if max_steps > 0:
         interval = min(interval, max_steps)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
     checkpointing = any(isinstance(c, StepCheckpoints) for c in callbacks)
+    strategy = build_strategy(cfg.trainer, model) if model is not None else cfg.trainer.get("strategy", "auto")
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         enable_checkpointing=checkpointing,
-        plugins=[AtomicCheckpointIO()] if checkpointing else None,
+        plugins=[AtomicCheckpointIO()] if checkpointing and writes_through_checkpoint_io(strategy) else None,
+        strategy=strategy,
         val_check_interval=interval * accumulate,  # Lightning counts batches, ftlab counts steps
         precision=resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator")),
     )

@@ -144,7 +144,8 @@ def test_a_misspelt_method_field_names_the_method_and_the_closest_field() -> Non
 
 def test_an_unknown_group_option_lists_the_options() -> None:
     assert _error(["trainer=cpuu"]) == \
-        "trainer=cpuu: no such option of the trainer group; options: cpu, ddp, default, gpu"
+        "trainer=cpuu: no such option of the trainer group; options: cpu, ddp, deepspeed_zero2, deepspeed_zero3, default, " \
+        "fsdp, gpu"
     assert _error(["method=lroa"], MethodError).startswith("unknown method 'lroa'. Installed methods: ")
 
 

@@ -43,6 +43,7 @@ from ftlab.data.formats import pair_record
 from ftlab.data.loading import Splits, load_splits, split_records
 from ftlab.data.packing import PackedCollator, PackingStats, pack
 from ftlab.data.prepare import PrepReport, drop_by_length
+from ftlab.data.distributed import RankShareSampler
 from ftlab.data.resumable import ResumableLoader
 from ftlab.errors import DataError
 
@@ -499,11 +500,17 @@ class FineTuneDataModule(pl.LightningDataModule):
         """Shuffled with a generator seeded by ``cfg.seed``: same seed, same batch order; resumable
         mid-epoch (``ResumableLoader``)."""
         assert self.train_dataset is not None, "call setup() first"
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        trainer = getattr(self, "trainer", None)
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        # several ranks: each takes its strided share of the one-process order (ftlab.data.distributed)
+        sampler = RankShareSampler(self.train_dataset, generator, world, int(trainer.global_rank)) if world > 1 else None
         loader = ResumableLoader(
             self.train_dataset,
             batch_size=self.cfg.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.cfg.seed),
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=generator,
             collate_fn=self.train_collator,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,

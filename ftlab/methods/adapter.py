@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -144,9 +144,12 @@ class Adapter(BaseMethod):
                 sublayer.register_forward_hook(_adapt_output(adapter))
         return model
 
-    def save(self, model: nn.Module, directory: Path) -> Path:
+    def save(self, model: nn.Module, directory: Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(_adapter_state(model), str(directory / WEIGHTS_FILE))
+        state = _adapter_state(model)
+        if state_dict is not None:  # gathered from a sharded strategy's ranks: same names, whole tensors
+            state = {name: state_dict[name].contiguous() for name in state}
+        save_file(state, str(directory / WEIGHTS_FILE))
         (directory / CONFIG_FILE).write_text(json.dumps({"method": "adapter", **asdict(self.config)}, indent=2))
         return directory
 

@@ -277,10 +277,15 @@ class BaseMethod:
         return float(value)
 
     # -- saving, loading, merging ----------------------------------------------------------------
-    def save(self, model: nn.Module, directory: Path) -> Path:
-        """Save what this method trained in HF format (safetensors) and return the folder."""
+    def save(self, model: nn.Module, directory: Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+        """Save what this method trained in HF format (safetensors) and return the folder.
+
+        ``state_dict``: the model's whole weights gathered from every rank, given (on rank 0) when
+        the strategy shards them (FSDP, DeepSpeed ZeRO-3), where ``model``'s own tensors hold one
+        shard each; save from it instead of reading ``model``'s parameters. Its keys are those of
+        ``model.state_dict()``."""
         directory.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
         return directory
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:

@@ -126,8 +126,14 @@ def bnb_config(quant_cfg: Any) -> BitsAndBytesConfig | None:
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=bool(cfg_get(quant_cfg, "bnb_4bit_use_double_quant", False)),
         bnb_4bit_compute_dtype=compute_dtype(cfg_get(quant_cfg, "bnb_4bit_compute_dtype", "auto")),
+        # packed 4-bit values in uint8 (bitsandbytes' default) or in a float dtype, which FSDP/ZeRO-3 can shard
+        bnb_4bit_quant_storage=_storage_dtype(str(cfg_get(quant_cfg, "bnb_4bit_quant_storage", "uint8"))),
         llm_int8_skip_modules=skip,
     )
+
+
+def _storage_dtype(name: str) -> torch.dtype:
+    return torch.uint8 if name == "uint8" else to_dtype(name)
 
 
 def count_quantized_linear(model: nn.Module) -> dict[str, int]:

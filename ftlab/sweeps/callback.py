@@ -24,6 +24,15 @@ class CompareSweep(Callback):
     def __init__(self) -> None:
         self._held = ExitStack()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a launcher that runs jobs in other processes (submitit) pickles Hydra's callbacks with
+        # each job: the sweep folder's lock stays with the launching process
+        return {k: v for k, v in self.__dict__.items() if k != "_held"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._held = ExitStack()
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             self._held.enter_context(hold_folder(config.hydra.sweep.dir, "sweep"))
