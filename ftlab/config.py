@@ -253,6 +253,10 @@ def validate(cfg: DictConfig) -> "MethodInfo":
     refused = refused_strategy(info.cls.refused_strategies, strategy)
     if refused is not None:
         raise ConfigError(f"method '{info.name}' cannot train with trainer.strategy={shown}: {' '.join(refused[1].split())}")
+    from ftlab.strategies import check_method_saves_shards, check_strategy
+
+    check_strategy(cfg)  # a quantized base that FSDP/ZeRO-3 sharding would corrupt
+    check_method_saves_shards(cfg, info.cls, info.name)
     if cfg.get("model") is not None:
         check_architecture(cfg, info)
     info.cls.check_config(cfg)

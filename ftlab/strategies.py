@@ -7,10 +7,11 @@ distributed layer of its own. Three things are filled in or checked here:
 - ``build_strategy``: FSDP's ``auto_wrap_policy`` (and ``activation_checkpointing_policy``) written
   as ``decoder_layers`` become the model's decoder-layer class, read from the loaded model (the
   class of its repeated blocks), so one preset wraps Llama, GPT-2, Falcon or a plugin's model alike.
-- ``check_strategy``: before any model loads, what cannot run is refused in one line: FSDP and
-  DeepSpeed without CUDA (Lightning runs them on GPUs only), DeepSpeed not installed, and a
-  quantized base that sharding would corrupt (4-bit weights packed as uint8 bytes among float
-  weights; 8-bit weights).
+- ``check_strategy`` (when the config is checked) refuses in one line a quantized base that
+  sharding would corrupt (4-bit weights packed as uint8 bytes among float weights; 8-bit
+  weights) and ``check_method_saves_shards`` a method that could not save a sharded run;
+  ``check_can_run`` (in the training process, before the model loads) FSDP and DeepSpeed without
+  CUDA (Lightning runs them on GPUs only) and DeepSpeed not installed.
 - ``gathered_state_dict``: after training under a sharded strategy every rank holds a shard;
   the full weights are gathered (a collective, on every rank) so rank 0 saves the usual HF-format
   adapter or model, which ``ftlab export`` and ``ftlab eval`` read as after any run.
@@ -57,8 +58,10 @@ def shards_weights(cfg: DictConfig) -> bool:
                                            and str(node.get("sharding_strategy", "FULL_SHARD")) == "NO_SHARD")
 
 
-def check_strategy(cfg: DictConfig) -> None:
-    """Refuse, before any model loads, a strategy that cannot run here or would corrupt the base."""
+def check_can_run(cfg: DictConfig) -> None:
+    """Refuse, in the process about to train and before its model loads, a strategy this machine
+    cannot run: FSDP or DeepSpeed without CUDA, DeepSpeed not installed. (Not part of ``validate``:
+    a sweep is composed and checked on a login node without GPUs before SLURM runs it elsewhere.)"""
     name, shown = strategy_of(cfg)
     kind = family(name)
     if kind is None:
@@ -71,6 +74,13 @@ def check_strategy(cfg: DictConfig) -> None:
                           "on CPUs, trainer=ddp trains with several processes")
     if kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"trainer.strategy={shown} needs DeepSpeed, an optional extra: pip install 'ftlab[deepspeed]'")
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """Refuse, when the config is checked, a quantized base that the strategy's sharding would corrupt."""
+    name, shown = strategy_of(cfg)
+    if family(name) is None:
+        return
     quant = cfg.get("quantization") or {}
     qname = str(quant.get("name", "none"))
     if qname == "none" or not shards_weights(cfg):
@@ -86,6 +96,21 @@ def check_strategy(cfg: DictConfig) -> None:
             f"(model.dtype), not {storage}: sharding flattens each wrapped layer's weights into one tensor of one "
             "dtype, and 4-bit weights packed as uint8 among float weights are sharded and gathered as the wrong "
             "numbers without an error; with a float storage dtype they are flattened like the others")
+
+
+def check_method_saves_shards(cfg: DictConfig, method_cls: type, method_name: str) -> None:
+    """A method whose ``save`` cannot take the gathered weights (``state_dict=``) would lose a
+    sharded run's result after training: refused before it starts."""
+    import inspect
+
+    if not shards_weights(cfg):
+        return
+    parameters = inspect.signature(method_cls.save).parameters
+    if "state_dict" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        _, shown = strategy_of(cfg)
+        raise ConfigError(f"method '{method_name}' cannot save a run of trainer.strategy={shown}: its save(model, "
+                          "directory) takes no state_dict=, the whole weights gathered from the ranks' shards "
+                          "(docs/plugins.md); use trainer=ddp or deepspeed_zero2")
 
 
 def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:

@@ -48,7 +48,7 @@ from ftlab.models.quant import count_quantized_linear
 from ftlab.precision import resolve_precision
 from ftlab.config import task_of
 from ftlab.ranks import across_ranks, check_rank_zero
-from ftlab.strategies import build_strategy, gathered_state_dict, shards_weights, writes_through_checkpoint_io
+from ftlab.strategies import build_strategy, check_can_run, gathered_state_dict, shards_weights, writes_through_checkpoint_io
 from ftlab.results import PeakMemory, Stopwatch, folder_mb, loss_summary, read_metrics, write_metrics
 from ftlab.evaluation.rewards import RolloutSamples
 from ftlab.evaluation.samples import GenerationSamples
@@ -81,6 +81,7 @@ def train(cfg: DictConfig) -> float:
                 if rank_zero_only.rank == 0:
                     write_manifest(out, cfg, record.get("overrides", []))
                     write_metrics(out, record)  # status: running, until one of the endings below
+                check_can_run(cfg)  # FSDP/DeepSpeed need CUDA (checked here, where the job runs)
                 run = build(cfg)
                 record["architecture"] = getattr(run.model.config, "model_type", None)
                 if rank_zero_only.rank == 0:

@@ -156,12 +156,26 @@ def test_presets_compose_and_instantiate(preset: str) -> None:
     (["trainer.strategy=fsdp_cpu_offload", "trainer.accelerator=cpu"], "trainer.strategy=fsdp_cpu_offload needs CUDA GPUs"),
 ])
 def test_sharded_strategies_refused_without_gpus(overrides: list[str], message: str, monkeypatch) -> None:
-    from ftlab.strategies import check_strategy
+    """Refused where the job runs (a sweep for SLURM composes and validates on a login node
+    without GPUs: ``compose`` passes)."""
+    from ftlab.strategies import check_can_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = compose(["model=tiny", *overrides])
     with pytest.raises(ConfigError, match="on CPUs, trainer=ddp") as info:
-        check_strategy(compose(["model=tiny", *overrides]))
+        check_can_run(cfg)
     assert message in str(info.value)
+
+
+def test_fsdp_on_cpu_fails_in_one_line_with_a_record(tmp_path: Path, cache_dir: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    done = subprocess.run([sys.executable, "-m", "ftlab", "trainer=fsdp", "model=tiny", f"hydra.run.dir={tmp_path}",
+                           f"paths.cache_dir={cache_dir}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("ftlab: error: trainer.strategy=fsdp (FSDPStrategy) needs CUDA GPUs")
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "failed" and "needs CUDA GPUs" in record["error"]
 
 
 def _on_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,13 +185,13 @@ def _on_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_deepspeed_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from ftlab.strategies import check_strategy
+    from ftlab.strategies import check_can_run
 
     _on_gpus(monkeypatch)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     with pytest.raises(ConfigError, match=r"needs DeepSpeed, an optional extra: pip install 'ftlab\[deepspeed\]'"):
-        check_strategy(compose(["model=tiny", "trainer=deepspeed_zero3"]))
+        check_can_run(compose(["model=tiny", "trainer=deepspeed_zero3"]))
 
 
 @pytest.mark.parametrize("overrides,refused", [
@@ -191,22 +205,16 @@ def test_deepspeed_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     (["trainer=deepspeed_zero2", "quantization=nf4"], None),  # ZeRO-2 keeps whole weights on every rank
     (["trainer=fsdp", "quantization=nf4", "trainer.strategy.sharding_strategy=NO_SHARD"], None),
 ])
-def test_quantized_base_under_sharding(overrides: list[str], refused: str | None, monkeypatch) -> None:
+def test_quantized_base_under_sharding(overrides: list[str], refused: str | None) -> None:
     """A 4-bit base packed as uint8 bytes (bitsandbytes' default) is refused under a strategy that
-    shards weights; a float storage equal to the model's dtype is accepted."""
-    from ftlab.strategies import check_strategy
-
-    import importlib.util
-
-    _on_gpus(monkeypatch)
-    real = importlib.util.find_spec  # DeepSpeed need not be installed for its presets to be checked
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
-    cfg = compose(["model=tiny", *overrides])
+    shards weights; a float storage equal to the model's dtype is accepted (checked by ``validate``,
+    what every command runs before a model loads: ``compose`` validates)."""
+    overrides = ["model=tiny", "method=lora", *overrides]
     if refused is None:
-        check_strategy(cfg)
+        compose(overrides)
         return
     with pytest.raises(ConfigError) as info:
-        check_strategy(cfg)
+        compose(overrides)
     assert refused in str(info.value)
 
 
@@ -301,3 +309,32 @@ def test_slurm_time_limit_warning_stops_a_run(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(Interrupted) as info, SignalGuard():
         os.kill(os.getpid(), signal.SIGUSR2)
     assert info.value.signum == signal.SIGUSR2
+
+
+def test_a_method_that_cannot_save_gathered_weights_is_refused_before_training(monkeypatch) -> None:
+    """A plugin whose save(model, directory) predates state_dict= would lose a sharded run's result
+    after training: refused when the config is checked; the built-in methods all take it."""
+    from ftlab.config import validate
+    from ftlab.methods.base import BaseMethod
+    from ftlab.methods.lora import Lora
+    from ftlab.registry import get_registry
+
+    _on_gpus(monkeypatch)
+    cfg = compose(["model=tiny", "trainer=fsdp", "method=lora"])
+    validate(cfg)  # the built-in save takes the gathered weights
+
+    def old_save(self: BaseMethod, model, directory):
+        return directory
+
+    monkeypatch.setattr(Lora, "save", old_save)
+    assert get_registry().get("lora").cls is Lora
+    with pytest.raises(ConfigError, match=r"method 'lora' cannot save a run of trainer.strategy=fsdp \(FSDPStrategy\): "
+                                          r"its save\(model, directory\) takes no state_dict="):
+        validate(cfg)
+    validate(compose(["model=tiny", "trainer=deepspeed_zero2", "method=lora"])) if _has_deepspeed() else None
+
+
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None

@@ -23,7 +23,7 @@ COLUMNS = [
     "precision", "recall", "f1", "base_preference_accuracy", "preference_accuracy", "reward_accuracy",
     "reward_margin", "base_mean_reward", "mean_reward", "val_rewards_accuracy", "val_rewards_margin", "train_loss_first", "train_loss_last",
     "trainable_params", "total_params", "artifact_mb", "peak_rss_mb", "peak_anon_mb", "peak_file_mb", "tokens_per_s", "wall_s", "steps",
-    "train_tokens", "overrides", "error", "run_dir",
+    "train_tokens", "world_size", "global_batch_size", "overrides", "error", "run_dir",
 ]
 # (column, label, format) of the aggregated table
 SUMMARY = [
@@ -174,6 +174,9 @@ def budget(rows: Sequence[dict[str, Any]]) -> str:
     steps = sorted({r.get("max_steps") for r in rows if r.get("max_steps") is not None})
     tokens = [r["train_tokens"] for r in rows if r.get("train_tokens")]
     text = f"max_steps={', '.join(map(str, steps)) or '?'}"
+    batches = sorted({r["global_batch_size"] for r in rows if r.get("global_batch_size")})
+    if batches:  # examples per optimizer step over every rank: jobs on other world sizes stay comparable
+        text += f", global batch {', '.join(map(str, batches))}"
     if tokens:
         text += f", training tokens per job {min(tokens):,}–{max(tokens):,}" if min(tokens) != max(tokens) else f", {tokens[0]:,} training tokens per job"
     return text

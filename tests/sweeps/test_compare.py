@@ -263,3 +263,13 @@ def test_a_signal_stops_the_sweep_which_lists_what_did_not_run_and_resumes(tmp_p
     assert [r["status"] for r in records] == ["completed", "completed"]
     assert records[0]["resumed_from"].endswith("step-000003.ckpt") and "resumed_from" not in records[1]
     assert "Did not finish" not in (sweep / "comparison.md").read_text()
+
+
+def test_budget_states_the_global_batch() -> None:
+    """Jobs on other world sizes are comparable per optimizer step only with their global batch said."""
+    from ftlab.sweeps.compare import budget
+
+    rows = [{"max_steps": 5, "train_tokens": 100, "global_batch_size": 8},
+            {"max_steps": 5, "train_tokens": 100, "global_batch_size": 16}]
+    assert budget(rows) == "max_steps=5, global batch 8, 16, 100 training tokens per job"
+    assert budget([{"max_steps": 5}]) == "max_steps=5"
