@@ -167,6 +167,7 @@ def test_sharded_strategies_refused_without_gpus(overrides: list[str], message: 
     assert message in str(info.value)
 
 
+@pytest.mark.slow  # a subprocess: the command line as a user meets the refusal
 def test_fsdp_on_cpu_fails_in_one_line_with_a_record(tmp_path: Path, cache_dir: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
