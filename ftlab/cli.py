@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab.config import default_method
 from ftlab.errors import FtlabError
+from ftlab.known_warnings import show_known, verbose_requested
 
 SWEEP_ROOT = Path("outputs/multirun")  # where hydra/default.yaml puts sweeps
 RUN_ROOT = Path("outputs/runs")  # and single runs
@@ -128,10 +129,11 @@ def methods(args: Sequence[str]) -> None:
         print_methods()
         return
     from ftlab.methods.sizes import sizes_table
+    from ftlab.tables import print_markdown
 
     overrides = ns.overrides if any(o.startswith("model=") for o in ns.overrides) else ["model=llama", *ns.overrides]
     table = sizes_table(overrides)
-    print(table, end="")
+    print_markdown(table)
     if ns.out:
         ns.out.write_text(table)
 
@@ -140,10 +142,8 @@ def compare(args: Sequence[str]) -> None:
     """``ftlab compare SWEEP_DIR [...] [--out DIR]``: rebuild the comparison from finished runs."""
     import argparse
 
-    from rich.console import Console
-    from rich.markdown import Markdown
-
     from ftlab.sweeps.compare import write_comparison
+    from ftlab.tables import print_markdown
 
     parser = argparse.ArgumentParser(prog="ftlab compare", description=COMMANDS["compare"].help)
     parser.add_argument("sweep_dirs", nargs="+", type=Path, help="sweep (or run) folders")
@@ -153,7 +153,7 @@ def compare(args: Sequence[str]) -> None:
         table = write_comparison(ns.sweep_dirs, ns.out or ns.sweep_dirs[0])
     except FileNotFoundError as exc:
         raise SystemExit(f"ftlab: error: {exc}") from None
-    Console().print(Markdown(table))
+    print_markdown(table)
 
 
 def evaluate(args: Sequence[str]) -> None:
@@ -161,13 +161,14 @@ def evaluate(args: Sequence[str]) -> None:
     import argparse
 
     from ftlab.evaluation.evaluate import evaluate_run, summary_lines
+    from ftlab.tables import print_markdown
 
     parser = argparse.ArgumentParser(prog="ftlab eval", description=COMMANDS["eval"].help)
     parser.add_argument("run_dir", type=Path, help="a run folder (outputs/runs/... or a sweep job's folder)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=test.jsonl eval.num_prompts=200")
     ns = parser.parse_args(list(args))
     result = evaluate_run(ns.run_dir, ns.overrides)
-    print("\n".join(summary_lines(result)))
+    print_markdown("\n".join(summary_lines(result)) + "\n")
 
 
 def export(args: Sequence[str]) -> None:
@@ -239,7 +240,8 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "train": Command(train, "train with Hydra overrides (the default when no subcommand is given)", (
         ("python -m ftlab [GROUP=OPTION ...] [KEY=VALUE ...]", "or: ftlab train ..."),
-        ("python -m ftlab -m method=full,lora,qlora seed=0,1", "a sweep, one job each"))),
+        ("python -m ftlab -m method=full,lora,qlora seed=0,1", "a sweep, one job each"),
+        ("python -m ftlab -v ...", "also show the third-party warnings ftlab filters"))),
     "rerun": Command(rerun, "repeat a run from its manifest.json in a new folder: ftlab rerun RUN_DIR [OVERRIDES]", (
         ("ftlab rerun RUN_DIR [OVERRIDES]", "the same run again, naming what differs on this machine"),)),
     "methods": Command(methods, "list installed methods and presets; --sizes [OVERRIDES] measures each on a model", (
@@ -273,6 +275,9 @@ OmegaConf.register_new_resolver("ftlab.usage", usage, replace=True)
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``ftlab COMMAND ARGS`` (``train`` when the first argument names no command)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if verbose_requested(args):  # the third-party warnings ftlab filters (ftlab.known_warnings) are shown
+        show_known()
+        args = [a for a in args if a not in ("-v", "--verbose")]
     name = args[0] if args and args[0] in COMMANDS else "train"
     try:
         COMMANDS[name].run(args[1:] if args[:1] == [name] else args)

@@ -206,6 +206,7 @@ def fit(run: Run, out: Path, ckpt: Path | None = None, signals: SignalGuard | No
     pruning = OptunaPruning(trial) if trial is not None and _prunable(cfg) else None
     if pruning is not None:
         callbacks.append(pruning)
+    callbacks = _progress_bar(cfg, callbacks)
     loggers = _instantiate_all(cfg.get("logger"))
     if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -255,6 +256,20 @@ def fit(run: Run, out: Path, ckpt: Path | None = None, signals: SignalGuard | No
     if saved is not None and not cfg.save_model:
         shutil.rmtree(saved, ignore_errors=True)
     return result
+
+
+def _progress_bar(cfg: DictConfig, callbacks: list) -> list:
+    """One progress bar, ftlab's (steps, not Lightning's ``Epoch 0/-2``), while
+    ``trainer.enable_progress_bar`` is true; none otherwise (Lightning refuses a bar then)."""
+    from pytorch_lightning.callbacks import ProgressBar
+
+    from ftlab.progress import StepProgressBar
+
+    if not cfg.trainer.get("enable_progress_bar", True):
+        return [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not any(isinstance(c, ProgressBar) for c in callbacks):  # else Lightning would add its own
+        callbacks = [*callbacks, StepProgressBar()]
+    return callbacks
 
 
 def _save(run: Run, directory: Path, state: dict[str, Any] | None) -> Path:

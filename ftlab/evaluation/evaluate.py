@@ -67,7 +67,10 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    """The headline numbers of an evaluation, one per line."""
+    """The headline numbers of an evaluation, one per line, and a markdown table of the
+    classification metrics per class (``ftlab eval`` prints them with ``ftlab.tables``)."""
+    from ftlab.tables import pipe_table
+
     lines = [f"run: {result['run_dir']} (method {result['method']})"]
     if result.get("val_loss") is not None:
         lines.append(f"validation loss: {result['val_loss']:.4f}")
@@ -94,7 +97,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"accuracy {result['accuracy']:.4f}, macro precision {result['precision']:.4f}, "
             f"recall {result['recall']:.4f}, F1 {result['f1']:.4f}"
         )
-        for label, v in result["classification"]["per_class"].items():
-            lines.append(f"  {label}: precision {v['precision']:.3f} recall {v['recall']:.3f} F1 {v['f1']:.3f} (n={v['support']})")
+        per_class = [[str(label), f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", str(v["support"])]
+                     for label, v in result["classification"]["per_class"].items()]
+        lines += ["", *pipe_table(["class", "precision", "recall", "F1", "n"], per_class).splitlines(), ""]
     lines.append(f"written to {Path(result['run_dir']) / EVAL_FILE}")
     return lines

@@ -159,7 +159,7 @@ def release_checkpoint(model: nn.Module) -> None:
     norms) stay mapped, uncopied. An unquantized model reads all of its mapped weights: kept."""
     released = release_unused_pages(model)
     if released:
-        log.info("unmapped %.0f MB of the checkpoint that the quantized model no longer reads", released / 2**20)
+        log.info("unmapped %.1f MB of the checkpoint that the quantized model no longer reads", released / 2**20)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from ftlab.errors import FtlabError
 from ftlab.locks import hold_folder
 from ftlab.sweeps.compare import write_comparison
+from ftlab.tables import print_markdown
 
 log = logging.getLogger("ftlab")
 
@@ -19,7 +20,8 @@ log = logging.getLogger("ftlab")
 class CompareSweep(Callback):
     """Locks the sweep folder for the sweep's length (in the launching process, so parallel jobs
     of a launcher do not contend for it; a second sweep into the folder is refused), then writes
-    results.csv, comparison.md and comparison.png into it and prints the table."""
+    results.csv, comparison.md and comparison.png into it and prints the table (``ftlab.tables``:
+    nothing cut, the markdown itself when stdout is not a terminal)."""
 
     def __init__(self) -> None:
         self._held = ExitStack()
@@ -47,5 +49,5 @@ class CompareSweep(Callback):
         except Exception as exc:  # a broken comparison must not hide the finished jobs
             log.error("could not compare the sweep in %s: %s: %s", sweep_dir, type(exc).__name__, exc)
             return
-        print(table)
+        print_markdown(table)
         log.info("comparison written to %s (comparison.md, comparison.png, results.csv)", sweep_dir)
