@@ -160,7 +160,8 @@ def gathered_state_dict(trainer: Any, model: nn.Module) -> dict[str, torch.Tenso
     from pytorch_lightning.strategies import FSDPStrategy
 
     if isinstance(strategy, FSDPStrategy):  # a full state dict (Lightning's state_dict_type=full), on rank 0, on CPU
-        return _inner(strategy.lightning_module_state_dict(), "model.") if trainer.is_global_zero else {}
+        state = strategy.lightning_module_state_dict()  # every rank takes part; rank 0 receives it
+        return _inner(state, "model.") if trainer.is_global_zero else {}
     import deepspeed
 
     params = list(model.parameters())

@@ -339,3 +339,50 @@ def _has_deepspeed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.parametrize("rank0", [True, False])
+def test_gathering_fsdp_weights_is_a_collective_on_every_rank(rank0: bool, monkeypatch) -> None:
+    """Every rank takes part in FSDP's full state dict (a rank that skipped it would leave the
+    others waiting forever); rank 0 gets the weights, named as ``model.state_dict()`` names them."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from ftlab.strategies import gathered_state_dict
+
+    strategy, calls = FSDPStrategy(), []
+    full = {"model.base_model.layer.weight": torch.ones(2), "metrics.total": torch.zeros(1)}
+    monkeypatch.setattr(strategy, "lightning_module_state_dict", lambda: calls.append(1) or full)
+    got = gathered_state_dict(SimpleNamespace(strategy=strategy, is_global_zero=rank0), torch.nn.Linear(2, 2))
+    assert calls == [1]
+    assert got == ({"base_model.layer.weight": full["model.base_model.layer.weight"]} if rank0 else {})
+
+
+def test_zero3_weights_are_gathered_inside_deepspeeds_context(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    deepspeed = pytest.importorskip("deepspeed")
+    from pytorch_lightning.strategies import DeepSpeedStrategy
+
+    from ftlab.strategies import gathered_state_dict
+
+    entered = []
+
+    class Gathered:  # stands in for deepspeed.zero.GatheredParameters (a collective on real ZeRO-3 weights)
+        def __init__(self, params, modifier_rank=None):
+            entered.append((len(params), modifier_rank))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", Gathered)
+    model = torch.nn.Linear(2, 2)
+    for rank0 in (True, False):
+        got = gathered_state_dict(SimpleNamespace(strategy=DeepSpeedStrategy(stage=3), is_global_zero=rank0), model)
+        assert (set(got) == {"weight", "bias"}) if rank0 else got == {}
+    assert entered == [(2, None), (2, None)]  # every rank enters, none writes back
+    assert gathered_state_dict(SimpleNamespace(strategy=DeepSpeedStrategy(stage=2), is_global_zero=True), model) is None
