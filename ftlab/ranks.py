@@ -59,15 +59,15 @@ def across_ranks(trainer: Any, *, tokens: int, seconds: float, losses: Sequence[
     """The run record's fields that every rank contributes to (every rank must call this)."""
     world = int(trainer.world_size)
     peaks = [getattr(memory, name, None) if memory is not None else None for name in MEMORY_FIELDS]
-    rows = _gather(trainer, [tokens, seconds, *peaks])
+    rows = _gather(trainer, [tokens, seconds, len(losses), *peaks])
     total_tokens = int(round(sum(row[0] for row in rows)))
     slowest = max(row[1] for row in rows)
     mean_losses = list(losses)
-    if world > 1 and losses:
-        table = _gather(trainer, losses)  # every rank runs the same number of batches
+    if world > 1 and losses and len({row[2] for row in rows}) == 1:  # the same batch count on every rank
+        table = _gather(trainer, losses)
         mean_losses = [sum(column) / len(column) for column in zip(*table)]
     accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-    per_rank = {name: [_number(row[2 + i]) for row in rows] for i, name in enumerate(MEMORY_FIELDS)}
+    per_rank = {name: [_number(row[3 + i]) for row in rows] for i, name in enumerate(MEMORY_FIELDS)}
     return {
         "world_size": world,
         "num_nodes": int(getattr(trainer, "num_nodes", 1) or 1),
