@@ -9,12 +9,14 @@ the base and the fine-tuned model, a reward model's accuracy) are shown when a r
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ftlab.cache import atomic_write, atomic_write_text
 from ftlab.results import METRICS_FILE
 
 IGNORED_KEYS = ("seed", "resume", "hydra.")  # never define a group: seeds are what we average over
@@ -239,11 +241,12 @@ def _where(row: dict[str, Any]) -> str:
 
 
 def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(r | {"job": r.get("job_num"), "overrides": " ".join(r.get("overrides") or [])})
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r | {"job": r.get("job_num"), "overrides": " ".join(r.get("overrides") or [])})
+    atomic_write_text(path, buffer.getvalue())  # a reader never sees half a table
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -277,7 +280,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     axes[1].set_title("quality vs peak memory")
     fig.suptitle(f"{len(rows)} runs; budget: {budget(rows)}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -288,7 +291,7 @@ def write_comparison(sweep_dirs: Sequence[str | Path], out_dir: str | Path) -> s
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     write_results_csv(rows, out / "results.csv")
-    (out / "comparison.md").write_text(table)
+    atomic_write_text(out / "comparison.md", table)
     if rows:
         plot(rows, out / "comparison.png")
     return table

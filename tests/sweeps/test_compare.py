@@ -273,3 +273,23 @@ def test_budget_states_the_global_batch() -> None:
             {"max_steps": 5, "train_tokens": 100, "global_batch_size": 16}]
     assert budget(rows) == "max_steps=5, global batch 8, 16, 100 training tokens per job"
     assert budget([{"max_steps": 5}]) == "max_steps=5"
+
+
+def test_comparison_files_are_replaced_whole(tmp_path: Path, monkeypatch) -> None:
+    """A comparison written again over an old one (a resumed sweep) replaces each file at once: a
+    crash mid-write leaves the previous file, never half of one, and no temporary file."""
+    import matplotlib.figure
+
+    out, sweep = tmp_path / "out", _sweep(tmp_path)
+    write_comparison([sweep], out)
+    before = (out / "comparison.png").read_bytes()
+
+    def broken(self, fname, **kwargs):
+        fname.write(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_comparison([sweep], out)
+    assert (out / "comparison.png").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.md", "comparison.png", "results.csv"]
