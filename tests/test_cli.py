@@ -95,6 +95,7 @@ def test_failed_job_does_not_abort_the_sweep(tmp_path: Path, cache_dir: Path) ->
     assert records[1]["status"] == "completed"
 
 
+@pytest.mark.slow  # two subprocess runs (~20 s): CI runs them, the quick loop keeps its 10-minute budget
 @pytest.mark.parametrize("logger,artifact", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
 def test_loggers_write_offline(tmp_path: Path, cache_dir: Path, logger: str, artifact: str, monkeypatch) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
