@@ -272,17 +272,20 @@ class StepProgressBar(RichProgressBar):
                               or time.monotonic() - self._printed_at >= self.log_every_s):
             self._print_step()
 
+    def _print_step_if_new(self, trainer: pl.Trainer) -> None:
+        """Off a terminal: the training line, unless the current step's is printed already."""
+        if (not self.live and self.is_enabled and self.progress is not None and self.train_progress_bar_id is not None
+                and self._printed_step != trainer.global_step):
+            self._print_step()
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.live and self.is_enabled and self.progress is not None and self.train_progress_bar_id is not None \
-                and self._printed_step != trainer.global_step:
-            self._print_step()  # where training stopped (interrupted, pruned, out of data)
+        self._print_step_if_new(trainer)  # where training stopped (interrupted, pruned, out of data)
 
     # -- validation ------------------------------------------------------------------------------
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (not self.live and self.is_enabled and not trainer.sanity_checking and self.progress is not None
-                and self.train_progress_bar_id is not None and self._printed_step != trainer.global_step):
-            self._print_step()  # the step this validation follows
+        if not trainer.sanity_checking:
+            self._print_step_if_new(trainer)  # the step this validation follows
         super().on_validation_start(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

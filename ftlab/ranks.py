@@ -79,3 +79,19 @@ def across_ranks(trainer: Any, *, tokens: int, seconds: float, losses: Sequence[
         "train_losses": [round(x, 6) for x in mean_losses],
         "memory_per_rank": memory_summary(per_rank),
     }
+
+
+def final_peaks(record: dict[str, Any], memory: Any) -> None:
+    """With several ranks, ``record``'s top-level peaks become the largest rank's, rank 0's own
+    measured to the end of the run (``across_ranks`` gathered them before its saving and scoring)."""
+    per_rank = record.get("memory_per_rank")
+    if not per_rank or int(record.get("world_size") or 1) <= 1:
+        return
+    values = {}
+    for name, entry in per_rank.items():
+        ranks, mine = list(entry["ranks"]), getattr(memory, name, None)
+        if mine is not None and ranks:
+            ranks[0] = _number(max(mine, ranks[0] or 0.0))
+        values[name] = ranks
+    record["memory_per_rank"] = memory_summary(values)
+    record.update({name: entry["max"] for name, entry in record["memory_per_rank"].items()})

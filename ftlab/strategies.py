@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ftlab.config import strategy_of
+from ftlab.config import refused_strategy, strategy_of
 from ftlab.errors import ConfigError
 
 DECODER_LAYERS = "decoder_layers"  # what a preset writes where FSDP needs the model's decoder-layer class
@@ -35,16 +35,14 @@ GPU_ONLY = {
     "fsdp": "Lightning runs FSDP on CUDA GPUs only (torch's FSDP needs an accelerator device)",
     "deepspeed": "Lightning runs DeepSpeed on CUDA GPUs only",
 }
-SHARDED_WEIGHTS = ("fsdp", "deepspeed_stage_3")  # strategies whose ranks hold a shard of every weight
 FLOAT_STORAGE = ("bfloat16", "float16", "float32")
 
 
 def family(name: str) -> str | None:
-    """``fsdp`` or ``deepspeed`` for a strategy name of either (``fsdp_cpu_offload``, ``deepspeed_stage_3``)."""
-    for key in GPU_ONLY:
-        if name == key or name.startswith(f"{key}_"):
-            return key
-    return None
+    """``fsdp`` or ``deepspeed`` for a strategy name of either (``fsdp_cpu_offload``, ``deepspeed_stage_3``),
+    matched as a method's ``refused_strategies`` are."""
+    found = refused_strategy(GPU_ONLY, name)
+    return found[0] if found is not None else None
 
 
 def shards_weights(cfg: DictConfig) -> bool:

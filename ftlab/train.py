@@ -47,7 +47,7 @@ from ftlab.models.architecture import model_label
 from ftlab.models.quant import count_quantized_linear
 from ftlab.precision import resolve_precision
 from ftlab.config import task_of
-from ftlab.ranks import across_ranks, check_rank_zero
+from ftlab.ranks import across_ranks, check_rank_zero, final_peaks
 from ftlab.strategies import build_strategy, check_can_run, gathered_state_dict, shards_weights, writes_through_checkpoint_io
 from ftlab.results import PeakMemory, Stopwatch, folder_mb, loss_summary, read_metrics, write_metrics
 from ftlab.evaluation.rewards import RolloutSamples
@@ -107,7 +107,7 @@ def train(cfg: DictConfig) -> float:
                 record["peak_anon_mb"] = _rounded(memory.peak_anon_mb)  # what the run allocated
                 record["peak_file_mb"] = _rounded(memory.peak_file_mb)  # touched pages of mapped files (weights)
                 record["peak_gpu_mb"] = memory.peak_gpu_mb
-                _peaks_over_ranks(record, memory)
+                final_peaks(record, memory)
                 if rank_zero_only.rank == 0:
                     path = write_metrics(out, record)
                     log.info("run record: %s (status: %s)", path, record["status"])
@@ -293,20 +293,6 @@ def _reloaded(run: Run, saved: Path) -> Any:
     labels = run.datamodule.labels if task_of(run.cfg) == "classification" else None
     method, base, _ = load_base(run.cfg, labels=labels)
     return method.load(base, saved).eval()
-
-
-def _peaks_over_ranks(record: dict[str, Any], memory: PeakMemory) -> None:
-    """With several ranks the top-level peaks are the largest rank's (rank 0's measured to the end)."""
-    per_rank = record.get("memory_per_rank")
-    if not per_rank or int(record.get("world_size") or 1) <= 1:
-        return
-    for name, entry in per_rank.items():
-        mine = getattr(memory, name, None)
-        if mine is not None and entry["ranks"]:
-            entry["ranks"][0] = round(max(mine, entry["ranks"][0] or 0.0), 1)
-        known = [v for v in entry["ranks"] if v is not None]
-        entry["max"], entry["sum"] = round(max(known), 1), round(sum(known), 1)
-        record[name] = entry["max"]
 
 
 def validation_record(trainer: pl.Trainer, names: list[str]) -> dict[str, Any]:
